@@ -1,0 +1,3 @@
+from podterm.cli import main
+
+raise SystemExit(main())

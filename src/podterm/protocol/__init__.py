@@ -1,0 +1,1 @@
+"""Sans-IO protocol core: bytes in, events out.  Imports nothing from trio or sockets."""
