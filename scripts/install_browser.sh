@@ -6,6 +6,7 @@
 # like fail on this network and are not what we test against); the Python
 # `playwright` package comes from the project's `test` extra and drives this
 # Chromium through `executable_path="/usr/bin/chromium"`.
+# fonts-dejavu-core gives xterm.js a real monospace font to measure its cells with.
 set -euo pipefail
 
 CHROMIUM=/usr/bin/chromium
@@ -32,10 +33,10 @@ if ! apt-cache show chromium >/dev/null 2>&1 \
         || [ -z "$(apt-cache policy chromium 2>/dev/null | awk '/Candidate:/ {print $2}' | grep -v '(none)')" ]; then
     $SUDO apt-get update
 fi
-if ! $SUDO apt-get install -y --no-install-recommends chromium; then
+if ! $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core; then
     # A stale index can name a version the mirror no longer has: refresh once.
     $SUDO apt-get update
-    $SUDO apt-get install -y --no-install-recommends chromium
+    $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core
 fi
 
 if [ ! -x "$CHROMIUM" ]; then

@@ -159,14 +159,16 @@ def encode_frame(opcode: int, payload: Buffer = b"", *, fin: bool = True,
     """
     if opcode not in _KNOWN_OPCODES:
         raise ValueError(f"unknown opcode {opcode}")
-    n = len(payload)
+    # Length in bytes, not items: a memoryview of a wider format counts items.
+    view = memoryview(payload)
+    n = view.nbytes
     if opcode >= OP_CLOSE and (n > MAX_CONTROL_PAYLOAD or not fin):
         raise ValueError("control frames must be final and at most 125 bytes")
     if mask_key is None:
-        return _header(opcode, fin, n, False) + bytes(payload)
+        return _header(opcode, fin, n, False) + view.tobytes()
     if len(mask_key) != 4:
         raise ValueError("mask key must be 4 bytes")
-    return _header(opcode, fin, n, True) + bytes(mask_key) + _mask(payload, mask_key)
+    return _header(opcode, fin, n, True) + bytes(mask_key) + _mask(view, mask_key)
 
 
 def encode_message(prefix: Buffer, payload: Buffer, *, opcode: int = OP_BINARY,
@@ -174,7 +176,8 @@ def encode_message(prefix: Buffer, payload: Buffer, *, opcode: int = OP_BINARY,
     """Serialize a single-frame data message whose payload is ``prefix + payload``."""
     if opcode not in (OP_TEXT, OP_BINARY):
         raise ValueError("encode_message writes data messages only")
-    body = bytes(prefix) + bytes(payload)
+    # join takes bytes-like objects only; bytes(3) would silently give three zero bytes.
+    body = b"".join((prefix, payload))
     return encode_frame(opcode, body, mask_key=mask_key)
 
 

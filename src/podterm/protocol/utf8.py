@@ -56,7 +56,8 @@ class Utf8Validator:
         """Feed more bytes; return False if the stream is now known to be invalid."""
         if self._failed:
             return False
-        raw = bytes(data)
+        # Bytes-like objects only: bytes(5) would silently validate five zero bytes.
+        raw = data if type(data) is bytes else memoryview(data).tobytes()
         if self._need == 0:
             try:
                 raw.decode("utf-8")

@@ -1,0 +1,385 @@
+"""podterm.v1 attach, resume and read-only join (docs/protocol.md §3-§7).
+
+``GET /api/v1/sessions/{id}/attach?offset=N&mode=rw|ro&resume_token=T``.
+
+Before the upgrade (HTTP answers): 400 bad parameters or a bad upgrade, 401/403
+(the router), 404 unknown session, 410 ended session, 503 draining.  After the
+upgrade, failures are an ``error`` CONTROL followed by a close: 4409 writer
+conflict, 1008 ``bad_offset``, 4410 session ended.
+
+The relay
+---------
+Each attached link runs exactly two tasks, one per direction, for its whole
+life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules"):
+
+* the **receiver** reads a batch (every message of one socket read), decodes
+  each with :class:`~podterm.protocol.session_proto.ServerCodec` and applies
+  it to the session: STDIN into the session's input buffer (waiting while it
+  is full: back-pressure on the socket), ACK as credit, RESIZE, ``detach``;
+* the **sender** parks until the session or the receiver wakes it, then sends
+  *everything* due in one write: queued notices (``hello``, ``gap``,
+  ``drain``, ``error``), the input ACK, output up to the link's credit (STDOUT
+  and STDERR in messages of at most 32 KiB), EXIT after the last byte, and the
+  heartbeat PING when one is due.  Heartbeats live here too: two unanswered
+  PINGs, or a write that cannot complete in that time, mark the link dead.
+
+When the link ends for any reason the attachment is removed from the session
+(the session detaches; it does not end).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+
+import trio
+
+from podterm.errors import (
+    BadRequestError,
+    CloseCode,
+    HandshakeError,
+    PodtermError,
+    ProtocolViolation,
+)
+from podterm.gateway.http import Upgraded, error_code
+from podterm.gateway.router import Call
+from podterm.metrics import GatewayCounters
+from podterm.net.wsconn import ConnectionClosed, WebSocketStream, accept_on
+from podterm.protocol.events import Ack, Detach, ErrorMsg, Event, Gap, Resize, Stdin
+from podterm.protocol.handshake import extract_bearer_subprotocol, parse_upgrade
+from podterm.protocol.session_proto import (
+    SERVER_CHUNK_BYTES,
+    SUBPROTOCOL,
+    MsgType,
+    ServerCodec,
+    control_body,
+    encode_ack,
+    encode_exit,
+)
+from podterm.protocol.websocket import WsLimits
+from podterm.resilience.heartbeat import Heartbeat
+from podterm.session.attachment import Attachment, Mode
+from podterm.session.registry import SessionRegistry, Unavailable
+from podterm.session.session import Session
+
+__all__ = ["AttachHandler", "relay"]
+
+log = logging.getLogger(__name__)
+
+_STDOUT_PREFIX = bytes((MsgType.STDOUT,))
+_STDERR_PREFIX = bytes((MsgType.STDERR,))
+_CONTROL_PREFIX = bytes((MsgType.CONTROL,))
+_STDOUT_CH = 1
+
+#: Most output bytes put in one write: the window's worth at most; bounding
+#: it keeps one busy link from holding the loop for long (p99 first).
+MAX_BATCH_BYTES = 256 * 1024
+
+_MAX_TOKEN_CHARS = 256
+_OFFSET_RE = re.compile(r"[0-9]{1,20}")
+
+
+def _parse_params(query: dict[str, str]) -> tuple[int, Mode, str | None]:
+    raw_offset = query.get("offset", "0")
+    if not _OFFSET_RE.fullmatch(raw_offset) or int(raw_offset) >= 1 << 64:
+        raise BadRequestError(f"offset: expected a non-negative integer, got {raw_offset!r}")
+    raw_mode = query.get("mode", "rw")
+    try:
+        mode = Mode(raw_mode)
+    except ValueError:
+        raise BadRequestError(f"mode: expected 'rw' or 'ro', got {raw_mode!r}") from None
+    token = query.get("resume_token") or None
+    if token is not None and len(token) > _MAX_TOKEN_CHARS:
+        raise BadRequestError("resume_token: too long")
+    return int(raw_offset), mode, token
+
+
+class AttachHandler:
+    """The route handler for ``/api/v1/sessions/{id}/attach``.
+
+    Args:
+        registry: where sessions are found.
+        counters: attaches, resumes, bytes, heartbeat failures.
+        ws_limits: frame and message bounds for the WebSocket.
+        origin_ok: browser Origin check (None: every origin; bearer tokens,
+            not cookies, authenticate, so a foreign page cannot ride on them).
+    """
+
+    __slots__ = ("registry", "counters", "ws_limits", "origin_ok")
+
+    def __init__(self, registry: SessionRegistry, counters: GatewayCounters, *,
+                 ws_limits: WsLimits | None = None,
+                 origin_ok: Callable[[str | None], bool] | None = None) -> None:
+        self.registry = registry
+        self.counters = counters
+        self.ws_limits = ws_limits or WsLimits()
+        self.origin_ok = origin_ok
+
+    def __repr__(self) -> str:
+        return f"<AttachHandler {self.registry!r}>"
+
+    async def __call__(self, call: Call) -> Upgraded:
+        request = call.request
+        assert request.identity is not None  # the router authenticated
+        if not request.is_upgrade:
+            raise HandshakeError("this endpoint needs a WebSocket upgrade "
+                                 f"(subprotocol {SUBPROTOCOL})", 426,
+                                 headers=[("Upgrade", "websocket")])
+        offset, mode, token = _parse_params(request.query)
+        upgrade = parse_upgrade(request.h11_request, origin_ok=self.origin_ok)
+        _, offered = extract_bearer_subprotocol(upgrade.subprotocols)
+        if SUBPROTOCOL not in offered:
+            raise HandshakeError(f"offer the WebSocket subprotocol {SUBPROTOCOL!r}", 400)
+        if self.registry.draining:
+            raise Unavailable("the gateway is draining; reconnect through the load balancer")
+        session = self.registry.get_for(call.params["id"], request.identity)
+        try:
+            ws = await accept_on(call.stream, call.conn, upgrade, SUBPROTOCOL,
+                                 limits=self.ws_limits,
+                                 close_timeout_s=session.limits.close_timeout_s)
+        except HandshakeError as exc:
+            # accept_on answered and closed the stream itself.
+            GatewayCounters.bump(self.counters.handshake_failures, error_code(exc.http_status))
+            return Upgraded(None)
+        # The relay runs once the HTTP layer has let go of the request.
+        return Upgraded(functools.partial(relay, ws, session, mode=mode, offset=offset,
+                                          resume_token=token, counters=self.counters))
+
+
+async def _refuse(ws: WebSocketStream, exc: PodtermError, code: str) -> None:
+    """Post-upgrade refusal: an ``error`` CONTROL, then close with the error's code."""
+    try:
+        body = control_body(ErrorMsg(code, exc.message))
+        with trio.move_on_after(ws.close_timeout_s):
+            await ws.send_binary(body, _CONTROL_PREFIX)
+    except ConnectionClosed:
+        pass
+    await ws.aclose(int(exc.close_code), exc.message[:100])
+
+
+async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: int,
+                resume_token: str | None, counters: GatewayCounters) -> None:
+    """Attach ``ws`` to ``session`` and relay until the link ends.
+
+    Resource handling: ``ws`` is closed before this returns; the attachment
+    is removed from the session whatever happens.
+    """
+    try:
+        att = session.attach(mode, offset, resume_token)
+    except PodtermError as exc:
+        code = getattr(exc, "error_code", None) or error_code(exc.http_status)
+        GatewayCounters.bump(counters.handshake_failures, code)
+        await _refuse(ws, exc, code)
+        return
+    GatewayCounters.bump(counters.attaches, mode.value)
+    if att.resumed:
+        counters.resumes += 1
+    link = _Link(ws, att, counters)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.receive_loop)
+            await link.send_loop()
+            nursery.cancel_scope.cancel()
+    except Exception:
+        log.exception("session.attach.failed %s", session.id)
+        with trio.CancelScope(shield=True):
+            await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+    finally:
+        session.detach(att)
+        # Idempotent: after a close handshake this only makes sure the
+        # stream is closed; after a lost connection it closes the socket.
+        with trio.CancelScope(shield=True):
+            await ws.abort(CloseCode.GOING_AWAY, "")
+
+
+class _Link:
+    """The two tasks of one attached connection (see the module docstring)."""
+
+    __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done")
+
+    def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters) -> None:
+        self.ws = ws
+        self.att = att
+        self.session = att.session
+        self.counters = counters
+        self.codec = ServerCodec(read_only=att.mode is Mode.RO)
+        limits = att.session.limits
+        self.hb = Heartbeat(limits.heartbeat_interval_s, max_missed=limits.heartbeat_max_missed,
+                            now=trio.current_time())
+        ws.heartbeat = self.hb  # the reader hands PONGs to it
+        self.rx_scope = trio.CancelScope()
+        self.rx_done = trio.Event()
+
+    # -------------------------------------------------------------- receiver
+
+    async def receive_loop(self) -> None:
+        """Read batches and apply them; on any end, tell the sender why."""
+        ws = self.ws
+        att = self.att
+        session = self.session
+        decode = self.codec.receive_message
+        try:
+            with self.rx_scope:
+                await self._receive(ws, att, session, decode)
+        finally:
+            self.rx_done.set()
+
+    async def _receive(self, ws: WebSocketStream, att: Attachment, session: Session,
+                       decode: Callable[[int, bytes], list[Event]]) -> None:
+        try:
+            while att.close is None:
+                batch = await ws.receive_batch()
+                for opcode, payload in batch:
+                    for event in decode(opcode, payload):
+                        if type(event) is Stdin:
+                            if att is session.writer:
+                                await session.write_input(att, event.data)
+                        elif type(event) is Ack:
+                            session.ack_output(att, event.offset)
+                        elif type(event) is Resize:
+                            if att is session.writer:
+                                session.resize(event.cols, event.rows)
+                        elif type(event) is Detach:
+                            att.request_close(CloseCode.NORMAL, "detached")
+                        elif type(event) is ErrorMsg:
+                            log.info("session.attach.client_error %s: %s %s", session.id,
+                                     event.code, event.message)
+                    if att.close is not None:
+                        break
+        except ProtocolViolation as exc:
+            att.request_close(int(exc.close_code), exc.message[:100],
+                              ErrorMsg("protocol_error", exc.message))
+        except BadRequestError as exc:  # an ACK beyond what was sent
+            att.request_close(int(exc.close_code), exc.message[:100],
+                              ErrorMsg("bad_request", exc.message))
+        except ConnectionClosed:
+            att.mark_gone()
+
+    # ---------------------------------------------------------------- sender
+
+    async def send_loop(self) -> None:
+        """Send whatever is due, one write per batch, until the link closes."""
+        ws = self.ws
+        att = self.att
+        session = self.session
+        hb = self.hb
+        counters = self.counters
+        limits = session.limits
+        # A write that cannot finish in two heartbeat intervals is a dead peer
+        # with a full receive window (half-open TCP): same verdict as no PONG.
+        stall_s = limits.heartbeat_interval_s * limits.heartbeat_max_missed
+        send_binary = ws.conn.send_binary
+        while True:
+            if att.gone:
+                return
+            parts: list[bytes] = []
+            # 1. notices: hello, gap, drain, error.
+            if att.notices:
+                for notice in att.notices:
+                    parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
+                att.notices.clear()
+            # 2. the input ACK (writer): bytes written to the upstream.
+            if att is session.writer and session.in_written > att.in_ack_sent:
+                att.in_ack_sent = session.in_written
+                prefix, body = encode_ack(att.in_ack_sent)
+                parts.append(send_binary(body, prefix))
+            # 3. output up to the link's credit, unless the link is closing
+            #    (what it has not seen is replayed when it resumes).
+            if att.close is None:
+                self._collect_output(parts)
+                # 4. EXIT after the last byte, then close 1000.
+                if (not att.exit_sent and session.is_exited
+                        and att.sent >= session.ring.end):
+                    parts.append(self._exit_message("exited"))
+                    att.close = (CloseCode.NORMAL, "session exited")
+            elif att.close[0] == CloseCode.SESSION_ENDED and not att.exit_sent:
+                # Killed (DELETE, a timer): EXIT, then close 4410.
+                parts.append(self._exit_message(session.exit_reason))
+            # 5. heartbeat.
+            now = trio.current_time()
+            if now >= hb.deadline:
+                ping = hb.poll(now)
+                if hb.is_dead:
+                    counters.heartbeat_failures += 1
+                    log.info("session.link.dead %s: no pong to %d pings", session.id,
+                             hb.max_missed)
+                    await ws.abort(CloseCode.INTERNAL_ERROR, "heartbeat lost")
+                    return
+                if ping is not None:
+                    parts.append(ws.conn.send_ping(ping))
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                with trio.move_on_after(stall_s) as stalled:
+                    try:
+                        await ws.send_raw(data)
+                    except ConnectionClosed:
+                        att.mark_gone()
+                        return
+                if stalled.cancelled_caught:
+                    counters.heartbeat_failures += 1
+                    log.info("session.link.dead %s: peer stopped reading", session.id)
+                    await ws.abort(CloseCode.INTERNAL_ERROR, "peer stopped reading")
+                    return
+                continue  # more may be due (output beyond one batch)
+            if att.close is not None:
+                await self._close(*att.close)
+                return
+            # Nothing to send: park until woken or the next PING is due.
+            with trio.move_on_at(hb.deadline):
+                await att.wait_woken()
+
+    def _exit_message(self, reason: str) -> bytes:
+        status = self.session.exit_status
+        self.att.exit_sent = True
+        prefix, body = encode_exit(status.code if status else None,
+                                   status.signal if status else None, reason)
+        return self.ws.conn.send_binary(body, prefix)
+
+    def _collect_output(self, parts: list[bytes]) -> None:
+        """Append STDOUT/STDERR messages for everything the link may be sent now."""
+        att = self.att
+        session = self.session
+        ring = session.ring
+        counters = self.counters
+        send_binary = self.ws.conn.send_binary
+        sent = att.sent
+        if sent < ring.start:
+            # A viewer fell a full ring behind (a writer never can: the pump
+            # waits for its ACKs).  Tell it, and continue from what is held.
+            gap = Gap(sent, ring.start)
+            parts.append(send_binary(control_body(gap), _CONTROL_PREFIX))
+            counters.gaps += 1
+            counters.gap_bytes += gap.lost
+            sent = att.sent = ring.start
+            att.acked = max(att.acked, sent)
+        stop = min(ring.end, att.acked + session.limits.window_bytes, sent + MAX_BATCH_BYTES)
+        if stop <= sent:
+            return
+        for start, finish, channel in session.channel_runs(sent, stop):
+            prefix = _STDOUT_PREFIX if channel == _STDOUT_CH else _STDERR_PREFIX
+            pos = start
+            while pos < finish:
+                chunk = ring.read_from(pos, min(SERVER_CHUNK_BYTES, finish - pos))
+                assert isinstance(chunk, bytes) and chunk
+                parts.append(send_binary(chunk, prefix))
+                pos += len(chunk)
+        if sent < att.replay_end:
+            counters.replayed_bytes += min(stop, att.replay_end) - sent
+        counters.bytes_out += stop - sent
+        att.sent = stop
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close the link with ``code``; note EXIT delivery when the client answered."""
+        ws = self.ws
+        # The close handshake reads the peer's CLOSE itself: stop the receiver
+        # first, and wait until it has stopped, so that exactly one task reads.
+        self.rx_scope.cancel()
+        with trio.move_on_after(ws.close_timeout_s):
+            await self.rx_done.wait()
+        await ws.aclose(code, reason)
+        att = self.att
+        if (att.exit_sent and code == CloseCode.NORMAL
+                and ws.conn.close_received is not None):
+            self.session.exit_delivered(att)

@@ -1,0 +1,384 @@
+"""The HTTP/1.1 WebSocket upgrade (RFC 6455 §4) on h11 event objects (sans-IO).
+
+Nothing here reads or writes a socket: the server side turns an
+``h11.Request`` into an :class:`UpgradeRequest` (or a :class:`HandshakeError`
+that says which HTTP status to answer with) and builds the ``101`` or the
+rejection; the client side builds the ``h11.Request`` and checks the answer.
+``podterm.net.wsconn`` drives these over a trio stream.
+
+Server rules, checked in this order (the first failure wins):
+
+=====================================================  ======
+condition                                              status
+=====================================================  ======
+method is not GET (§4.1, item 2)                       400
+HTTP version below 1.1 (§4.1, item 1)                  400
+no ``Upgrade: websocket`` (§4.2.1, item 3)             400
+no ``upgrade`` token in ``Connection`` (item 4)        400
+``Sec-WebSocket-Version`` missing or not 13 (item 6)   426 + ``Sec-WebSocket-Version: 13``
+``Sec-WebSocket-Key`` missing, repeated, or not the
+base64 of 16 bytes (item 5)                            400
+``Origin`` refused by the caller's check (§10.2)       403
+=====================================================  ======
+
+Extensions: none is ever accepted.  A client offering permessage-deflate gets
+a 101 without ``Sec-WebSocket-Extensions``, which RFC 6455 §9.1 defines as
+"no extension in use"; every client then speaks plain frames.
+
+Subprotocols: the server echoes exactly one offered subprotocol, or none.
+The bearer-token carriers (``bearer.podterm.<b64url>`` and kube-apiserver's
+``base64url.bearer.authorization.k8s.io.<b64url>``) are credentials, not
+protocols: :func:`extract_bearer_subprotocol` takes them out of the offer, and
+:func:`accept_response` refuses to echo one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+
+from podterm.errors import HandshakeError, LocalProtocolError
+
+__all__ = [
+    "BEARER_PREFIXES",
+    "PODTERM_BEARER_PREFIX",
+    "KUBE_BEARER_PREFIX",
+    "UpgradeRequest",
+    "accept_key",
+    "accept_response",
+    "bearer_subprotocol",
+    "build_request",
+    "check_response",
+    "extract_bearer_subprotocol",
+    "parse_upgrade",
+    "reject_response",
+]
+
+#: RFC 6455 §1.3: the GUID appended to the key before hashing.
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: The only version RFC 6455 defines (§4.1: "MUST be 13").
+WEBSOCKET_VERSION = "13"
+
+#: podterm's bearer carrier (spec/podterm-protocol.md, "Transport").
+PODTERM_BEARER_PREFIX = "bearer.podterm."
+#: kube-apiserver's (``k8s.io/apiserver/pkg/authentication/request/websocket``).
+KUBE_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
+BEARER_PREFIXES = (PODTERM_BEARER_PREFIX, KUBE_BEARER_PREFIX)
+
+Header = tuple[bytes, bytes]
+HeaderLike = tuple[bytes | str, bytes | str]
+
+
+def _as_bytes(headers: Iterable[HeaderLike]) -> list[Header]:
+    return [(n.encode("latin-1") if isinstance(n, str) else n,
+             v.encode("latin-1") if isinstance(v, str) else v) for n, v in headers]
+
+
+def accept_key(key: bytes) -> bytes:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` value (§4.2.2, item 5.4)."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+def _values(headers: Iterable[Header], name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n == name]
+
+
+def _tokens(headers: Iterable[Header], name: bytes) -> list[str]:
+    """Comma-separated tokens of every ``name`` header line, trimmed, in order.
+
+    A header may be split over several lines (RFC 9110 §5.3); the Python
+    kubernetes client sends ``v5.channel.k8s.io,v4.channel.k8s.io`` with no space.
+    """
+    out: list[str] = []
+    for value in _values(headers, name):
+        for part in value.split(b","):
+            token = part.strip()
+            if token:
+                out.append(token.decode("latin-1"))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """A valid WebSocket upgrade request, as the server saw it.
+
+    Attributes:
+        target: the request target, e.g. ``/api/v1/sessions/x/attach?offset=0``.
+        key: the ``Sec-WebSocket-Key`` value (base64 text, as sent).
+        version: the ``Sec-WebSocket-Version`` (always ``"13"`` here).
+        subprotocols: offered subprotocols, in the client's order of preference.
+        origin: the ``Origin`` header, or None (non-browser clients send none).
+        extensions: offered extensions (``Sec-WebSocket-Extensions`` items,
+            parameters included); informational only: none is accepted.
+        headers: every request header as h11 gives them (lower-case names).
+    """
+
+    target: str
+    key: bytes
+    version: str
+    subprotocols: tuple[str, ...]
+    origin: str | None
+    extensions: tuple[str, ...]
+    headers: tuple[Header, ...]
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), lines joined by ``", "``; None if absent."""
+        values = _values(self.headers, name.lower().encode("ascii"))
+        return b", ".join(values).decode("latin-1") if values else None
+
+
+def parse_upgrade(request: h11.Request, *,
+                  origin_ok: Callable[[str | None], bool] | None = None) -> UpgradeRequest:
+    """Validate a WebSocket upgrade request (server side).
+
+    Args:
+        request: the request h11 parsed.
+        origin_ok: called with the ``Origin`` header (or None); False refuses
+            the upgrade with 403.  None accepts every origin: kubectl and the
+            Python client need no Origin check, browsers do (§10.2).
+
+    Raises:
+        HandshakeError: with ``http_status`` 400, 426 (and the
+            ``Sec-WebSocket-Version: 13`` header to send) or 403; the message
+            names what was wrong.
+    """
+    headers = request.headers
+    if request.method != b"GET":
+        raise HandshakeError(
+            f"a WebSocket upgrade must be a GET, not {request.method.decode('latin-1')}", 400)
+    if request.http_version < b"1.1":
+        raise HandshakeError(
+            f"a WebSocket upgrade needs HTTP/1.1, not HTTP/{request.http_version.decode()}", 400)
+    if "websocket" not in (t.lower() for t in _tokens(headers, b"upgrade")):
+        raise HandshakeError("missing 'Upgrade: websocket' header", 400)
+    if "upgrade" not in (t.lower() for t in _tokens(headers, b"connection")):
+        raise HandshakeError("missing 'Connection: upgrade' header", 400)
+    versions = _tokens(headers, b"sec-websocket-version")
+    if versions != [WEBSOCKET_VERSION]:
+        got = ", ".join(versions) if versions else "none"
+        # §4.2.2: "the server MUST ... send ... a |Sec-WebSocket-Version| header
+        # field indicating the version(s) the server is capable of understanding."
+        raise HandshakeError(f"unsupported Sec-WebSocket-Version {got}: this server speaks 13",
+                             426, headers=[("Sec-WebSocket-Version", WEBSOCKET_VERSION)])
+    keys = _values(headers, b"sec-websocket-key")
+    if len(keys) != 1:
+        raise HandshakeError("expected exactly one Sec-WebSocket-Key header, got "
+                             f"{len(keys)}", 400)
+    key = keys[0].strip()
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        nonce = b""
+    if len(nonce) != 16:
+        raise HandshakeError("Sec-WebSocket-Key must be the base64 encoding of 16 bytes", 400)
+    origins = _values(headers, b"origin")
+    origin = origins[0].decode("latin-1") if origins else None
+    if origin_ok is not None and not origin_ok(origin):
+        raise HandshakeError(f"origin {origin!r} is not allowed", 403)
+    return UpgradeRequest(
+        target=request.target.decode("latin-1"),
+        key=key,
+        version=WEBSOCKET_VERSION,
+        subprotocols=tuple(_tokens(headers, b"sec-websocket-protocol")),
+        origin=origin,
+        extensions=tuple(_tokens(headers, b"sec-websocket-extensions")),
+        headers=tuple(headers),
+    )
+
+
+def _is_bearer(protocol: str) -> bool:
+    return protocol.startswith(BEARER_PREFIXES)
+
+
+def accept_response(upgrade: UpgradeRequest, subprotocol: str | None,
+                    extra_headers: Iterable[HeaderLike] = ()) -> h11.InformationalResponse:
+    """The ``101 Switching Protocols`` answer.
+
+    Args:
+        upgrade: the parsed request.
+        subprotocol: one of ``upgrade.subprotocols`` to echo, or None.
+        extra_headers: more response headers (e.g. ``Set-Cookie``).
+
+    Raises:
+        LocalProtocolError: ``subprotocol`` was not offered, is a bearer token,
+            or ``extra_headers`` tries to accept an extension (we implement none).
+    """
+    headers: list[HeaderLike] = [
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Accept", accept_key(upgrade.key)),
+    ]
+    if subprotocol is not None:
+        if subprotocol not in upgrade.subprotocols:
+            raise LocalProtocolError(f"subprotocol {subprotocol!r} was not offered")
+        if _is_bearer(subprotocol):
+            raise LocalProtocolError("a bearer-token subprotocol must never be echoed")
+        headers.append((b"Sec-WebSocket-Protocol", subprotocol.encode("latin-1")))
+    for name, value in extra_headers:
+        lname = name.lower() if isinstance(name, str) else name.decode("latin-1").lower()
+        if lname in ("sec-websocket-extensions", "sec-websocket-protocol",
+                     "sec-websocket-accept", "upgrade", "connection"):
+            raise LocalProtocolError(f"extra header {lname!r} is set by the handshake itself")
+        headers.append((name, value))
+    return h11.InformationalResponse(status_code=101, headers=_as_bytes(headers),
+                                     reason=b"Switching Protocols")
+
+
+def reject_response(err: HandshakeError, *, body: bytes | None = None,
+                    content_type: str = "text/plain; charset=utf-8") -> tuple[h11.Response, bytes]:
+    """The HTTP answer to a refused upgrade, and its body.
+
+    The body defaults to the error's message and a newline; pass ``body`` (and
+    ``content_type``) for a Kubernetes ``Status`` JSON on the kube endpoints.
+    The response says ``Connection: close``: a refused upgrade ends the connection.
+    """
+    if body is None:
+        body = (err.message + "\n").encode("utf-8")
+    headers: list[HeaderLike] = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    headers.extend(err.headers)
+    return h11.Response(status_code=err.http_status, headers=_as_bytes(headers),
+                        reason=_phrase(err.http_status)), body
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+# ----------------------------------------------------------------- client side
+
+
+def build_request(host: str, target: str, *, subprotocols: Sequence[str] = (),
+                  extra_headers: Iterable[HeaderLike] = (), key: bytes) -> h11.Request:
+    """The client's upgrade request.
+
+    Args:
+        host: the ``Host`` header (``host`` or ``host:port``).
+        target: path and query, e.g. ``/api/v1/sessions``.
+        subprotocols: offered, in order of preference.
+        extra_headers: e.g. ``Authorization``, ``Origin``.
+        key: 16 random bytes (the nonce; randomness is the caller's); the
+            header carries their base64 (§4.1, item 7).
+
+    Raises:
+        ValueError: ``key`` is not 16 bytes.
+    """
+    if len(key) != 16:
+        raise ValueError("key must be 16 random bytes (RFC 6455 §4.1)")
+    headers: list[HeaderLike] = [
+        (b"Host", host.encode("idna") if not host.isascii() else host.encode("ascii")),
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Key", base64.b64encode(key)),
+        (b"Sec-WebSocket-Version", WEBSOCKET_VERSION.encode("ascii")),
+    ]
+    if subprotocols:
+        headers.append((b"Sec-WebSocket-Protocol", ", ".join(subprotocols).encode("latin-1")))
+    headers.extend(extra_headers)
+    return h11.Request(method=b"GET", target=target.encode("latin-1"),
+                       headers=_as_bytes(headers))
+
+
+def check_response(response: h11.InformationalResponse | h11.Response, key: bytes,
+                   offered: Sequence[str]) -> str | None:
+    """Check the server's answer (client side); return the chosen subprotocol or None.
+
+    Args:
+        response: what h11 parsed.
+        key: the 16 bytes given to :func:`build_request`.
+        offered: the subprotocols offered.
+
+    Raises:
+        HandshakeError: not a 101 (``http_status`` is the server's status), a
+            missing ``Upgrade``/``Connection``, a wrong ``Sec-WebSocket-Accept``,
+            a subprotocol we did not offer (or several), or any extension (we
+            offer none, so §4.1 says the client MUST fail).
+    """
+    status = response.status_code
+    if status != 101:
+        raise HandshakeError(f"server answered HTTP {status} instead of 101", status)
+    headers = response.headers
+    if "websocket" not in (t.lower() for t in _tokens(headers, b"upgrade")):
+        raise HandshakeError("101 response without 'Upgrade: websocket'", 101)
+    if "upgrade" not in (t.lower() for t in _tokens(headers, b"connection")):
+        raise HandshakeError("101 response without 'Connection: upgrade'", 101)
+    accepts = _values(headers, b"sec-websocket-accept")
+    if accepts != [accept_key(base64.b64encode(key))]:
+        raise HandshakeError("wrong or missing Sec-WebSocket-Accept", 101)
+    extensions = _tokens(headers, b"sec-websocket-extensions")
+    if extensions:
+        raise HandshakeError(f"server accepted extension {extensions[0]!r}, which was not offered",
+                             101)
+    chosen = _tokens(headers, b"sec-websocket-protocol")
+    if not chosen:
+        return None
+    if len(chosen) > 1 or chosen[0] not in offered:
+        raise HandshakeError(f"server chose subprotocol {', '.join(chosen)!r}, which was not "
+                             "offered", 101)
+    return chosen[0]
+
+
+# -------------------------------------------------------------- bearer tokens
+
+
+def bearer_subprotocol(token: str, prefix: str = PODTERM_BEARER_PREFIX) -> str:
+    """The subprotocol that carries ``token``: ``prefix`` + unpadded base64url.
+
+    Unpadded, because ``=`` is not a token character (RFC 9110 §5.6.2) and a
+    subprotocol must be a token (RFC 6455 §4.1).  Browsers cannot set an
+    ``Authorization`` header on a WebSocket; they offer this next to the real
+    subprotocol (``podterm.v1``), which the server echoes, as browsers fail a
+    handshake that offered subprotocols and got none back.
+    """
+    return prefix + base64.urlsafe_b64encode(token.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def extract_bearer_subprotocol(offered: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split a bearer-token carrier out of the offered subprotocols.
+
+    Recognizes ``bearer.podterm.<base64url(token)>`` and kube-apiserver's
+    ``base64url.bearer.authorization.k8s.io.<base64url(token)>``, padded or not.
+
+    Returns:
+        ``(token, remaining)``: the decoded token (None if none was offered)
+        and the other subprotocols in their order.  The server chooses among
+        ``remaining`` only; the carrier is never echoed.
+
+    Raises:
+        HandshakeError: 400 if two carriers are offered or one does not decode
+            to base64url of UTF-8 text.
+    """
+    token: str | None = None
+    remaining: list[str] = []
+    for protocol in offered:
+        if not _is_bearer(protocol):
+            remaining.append(protocol)
+            continue
+        if token is not None:
+            raise HandshakeError("more than one bearer-token subprotocol offered", 400)
+        prefix = next(p for p in BEARER_PREFIXES if protocol.startswith(p))
+        encoded = protocol[len(prefix):]
+        try:
+            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            if base64.urlsafe_b64encode(raw).rstrip(b"=") != encoded.rstrip("=").encode("ascii"):
+                raise ValueError("not canonical base64url")
+            token = raw.decode("utf-8")
+        except (binascii.Error, ValueError) as exc:  # UnicodeError is a ValueError
+            raise HandshakeError("bearer-token subprotocol is not base64url of a UTF-8 token",
+                                 400) from exc
+        if not token:
+            raise HandshakeError("bearer-token subprotocol carries an empty token", 400)
+    return token, remaining

@@ -1,0 +1,121 @@
+"""One client's view of a session: its mode, its offsets, what it still has to be told.
+
+An :class:`Attachment` is pure state plus a wake-up.  The relay that moves its
+bytes (``podterm.gateway.attach``) owns the socket; the session owns the
+attachment's place in the session (writer or viewer).  Both sides talk through
+these fields, and every change that gives the relay's sender something to do
+ends with :meth:`Attachment.wake`.
+
+Offsets (docs/protocol.md §4, "Offsets"):
+
+* ``sent`` — the output offset of the next byte this link will send;
+* ``acked`` — the highest output offset the client ACKed on this link (starts
+  at the offset it attached with: it has seen everything before it);
+* ``in_cursor`` — the input offset of the next STDIN byte the client sends on
+  this link (starts at the session's accepted input offset, the ``in_acked``
+  of ``hello``: the client re-sends from there);
+* ``in_ack_sent`` — the last input ACK sent on this link.
+
+Nothing here blocks; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import trio
+
+from podterm.protocol.events import Drain, ErrorMsg, Gap, Hello
+
+if TYPE_CHECKING:
+    from podterm.session.session import Session
+
+__all__ = ["Attachment", "Mode", "Notice"]
+
+#: What the sender still has to send, in order, before any output: ``hello``,
+#: ``gap``, ``drain`` and ``error`` control messages.
+Notice = Hello | Gap | Drain | ErrorMsg
+
+
+class Mode(enum.Enum):
+    """docs/protocol.md §3: ``rw`` is the single writer, ``ro`` a viewer."""
+
+    RW = "rw"
+    RO = "ro"
+
+
+class Attachment:
+    """One client connection attached to a session.
+
+    Attributes:
+        session: the session attached to.
+        mode: writer or viewer.
+        sent, acked, in_cursor, in_ack_sent: see the module docstring.
+        replay_end: the output offset that was the live end at attach time;
+            bytes sent below it are replayed (for the ``replayed_bytes`` metric).
+        notices: control messages queued for the sender.
+        close: ``(code, reason)`` once the link is to be closed: the sender
+            flushes notices (and EXIT when due), then closes with it.
+        gone: True once the client is gone (connection lost): nothing more
+            can be sent.
+        exit_sent: True once EXIT went out on this link.
+    """
+
+    __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
+                 "notices", "close", "gone", "exit_sent", "resumed", "_lot")
+
+    def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
+                 live_end: int) -> None:
+        self.session = session
+        self.mode = mode
+        self.sent = offset
+        self.acked = offset
+        self.in_cursor = in_offset
+        self.in_ack_sent = in_offset
+        self.replay_end = live_end
+        self.notices: list[Notice] = []
+        self.close: tuple[int, str] | None = None
+        self.gone = False
+        self.exit_sent = False
+        self.resumed = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        state = "gone" if self.gone else ("closing" if self.close else "open")
+        return (f"<Attachment {self.session.id} {self.mode.value} {state} sent={self.sent} "
+                f"acked={self.acked} in={self.in_cursor}>")
+
+    @property
+    def is_writer(self) -> bool:
+        """True for the ``rw`` attachment (whether or not it is still the session's writer)."""
+        return self.mode is Mode.RW
+
+    def wake(self) -> None:
+        """Wake the sender: there may be output, credit, a notice or a close."""
+        self._lot.unpark_all()
+
+    async def wait_woken(self) -> None:
+        """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""
+        await self._lot.park()
+
+    def notify(self, notice: Notice) -> None:
+        """Queue a control message for the sender and wake it."""
+        self.notices.append(notice)
+        self._lot.unpark_all()
+
+    def request_close(self, code: int, reason: str, error: ErrorMsg | None = None) -> None:
+        """Ask the sender to close the link with ``code`` (first request wins).
+
+        ``error``, when given, is sent as an ``error`` control message first.
+        """
+        if self.close is None:
+            if error is not None:
+                self.notices.append(error)
+            self.close = (code, reason)
+        self._lot.unpark_all()
+
+    def mark_gone(self) -> None:
+        """The connection is lost: the sender stops at once."""
+        self.gone = True
+        self._lot.unpark_all()

@@ -1,0 +1,279 @@
+"""The session registry: owns every session's task, finds sessions, reaps them.
+
+Sessions run in the registry's nursery (:meth:`SessionRegistry.run`), so a
+session outlives the connection that created or attached it; the gateway's
+root nursery starts the registry with ``await nursery.start(registry.run)``.
+
+The registry keeps a bounded memory of ended sessions (*tombstones*) so that
+a client resuming a session that ended is told ``410 gone`` (the session is
+over) rather than ``404 not found`` (it never existed).
+
+Drain: :meth:`SessionRegistry.drain` refuses new sessions from then on
+(``503 unavailable``) and tells every attached client to reconnect elsewhere;
+the sessions themselves keep running until the gateway's root is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import trio
+
+from podterm.auth.identity import Identity
+from podterm.errors import (
+    CloseCode,
+    GoneError,
+    NotFoundError,
+    PodtermError,
+    RateLimitedError,
+    UpstreamError,
+)
+from podterm.metrics import GatewayCounters
+from podterm.session.session import Session, SessionLimits, SessionState
+from podterm.upstream.base import StreamSpec, Upstream
+
+__all__ = ["RegistryStatistics", "SessionRegistry", "Unavailable"]
+
+log = logging.getLogger(__name__)
+
+#: Ended session ids remembered for 410 answers.  10,000 ids cost ~1 MiB; an
+#: id older than that is answered 404, which a client treats the same way.
+MAX_TOMBSTONES = 10_000
+
+
+class Unavailable(PodtermError):
+    """docs/protocol.md §2 ``unavailable`` (503): draining, or at capacity.
+
+    (``errors.py`` has no 503 class yet; STYLE.md §3 calls it ``Overloaded``.)
+    """
+
+    close_code = CloseCode.TRY_AGAIN_LATER
+    http_status = 503
+    outcome = "rejected"
+    reason_name = "ServiceUnavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatistics:
+    """A frozen snapshot of the registry.
+
+    Attributes:
+        sessions: live sessions by state (every state present, zeros included).
+        writers: attached writers.
+        viewers: attached viewers.
+        ring_bytes_allocated: output ring memory over all sessions.
+        input_buffered_bytes: accepted input not yet written, over all sessions.
+        draining: True once drain started.
+    """
+
+    sessions: Mapping[str, int]
+    writers: int
+    viewers: int
+    ring_bytes_allocated: int
+    input_buffered_bytes: int
+    draining: bool
+
+
+class SessionRegistry:
+    """Creates, finds, kills and reaps sessions.
+
+    Args:
+        upstreams: enabled upstreams by kind (``"local"``, ...).
+        default_upstream: the kind used when a request names none.
+        limits: limits every session gets.
+        counters: gateway-wide counters.
+        max_sessions: live sessions allowed (503 beyond).
+        max_sessions_per_user: live sessions per owner (429 beyond); 0 = no bound.
+        open_timeout_s: bound on starting an upstream stream.
+    """
+
+    __slots__ = ("upstreams", "default_upstream", "limits", "counters", "max_sessions",
+                 "max_sessions_per_user", "open_timeout_s", "_sessions", "_tombstones",
+                 "_nursery", "_draining", "_per_user", "_pending")
+
+    def __init__(self, upstreams: Mapping[str, Upstream], *, default_upstream: str = "local",
+                 limits: SessionLimits | None = None, counters: GatewayCounters,
+                 max_sessions: int = 9000, max_sessions_per_user: int = 0,
+                 open_timeout_s: float = 30.0) -> None:
+        if default_upstream not in upstreams:
+            raise ValueError(f"default upstream {default_upstream!r} is not enabled")
+        self.upstreams = dict(upstreams)
+        self.default_upstream = default_upstream
+        self.limits = limits or SessionLimits()
+        self.counters = counters
+        self.max_sessions = max_sessions
+        self.max_sessions_per_user = max_sessions_per_user
+        self.open_timeout_s = open_timeout_s
+        self._sessions: dict[str, Session] = {}
+        self._tombstones: OrderedDict[str, str] = OrderedDict()  # id -> end reason
+        self._nursery: trio.Nursery | None = None
+        self._draining = False
+        self._per_user: dict[str, int] = {}
+        self._pending = 0  # creations between the checks and the registration
+
+    def __repr__(self) -> str:
+        return (f"<SessionRegistry sessions={len(self._sessions)} "
+                f"{'draining' if self._draining else 'serving'}>")
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called."""
+        return self._draining
+
+    async def run(self, *, task_status: trio.TaskStatus[SessionRegistry]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the sessions' nursery until cancelled (then every session closes)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # ---------------------------------------------------------------- lookup
+
+    def get(self, session_id: str) -> Session:
+        """The live session ``session_id``.
+
+        Raises:
+            NotFoundError: no such session (404).
+            GoneError: it existed and has ended (410).
+        """
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session
+        reason = self._tombstones.get(session_id)
+        if reason is not None:
+            raise GoneError(f"session {session_id} has ended ({reason})")
+        raise NotFoundError(f"no session {session_id!r}")
+
+    def get_for(self, session_id: str, identity: Identity) -> Session:
+        """Like :meth:`get`, but someone else's session is 404 unless ``identity`` is an admin."""
+        session = self.get(session_id)
+        if session.owner != identity.user and not identity.is_admin:
+            raise NotFoundError(f"no session {session_id!r}")
+        return session
+
+    def sessions(self, owner: str | None = None) -> list[Session]:
+        """Live sessions, oldest first; only ``owner``'s when given."""
+        items = list(self._sessions.values())
+        if owner is not None:
+            items = [s for s in items if s.owner == owner]
+        return items
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _new_id(self) -> str:
+        while True:
+            session_id = "s-" + secrets.token_hex(6)
+            if session_id not in self._sessions and session_id not in self._tombstones:
+                return session_id
+
+    async def create(self, owner: Identity, spec: StreamSpec,
+                     upstream: str | None = None) -> Session:
+        """Start a process and its session.
+
+        Raises:
+            Unavailable: draining, the registry is not running, or
+                ``max_sessions`` are live (503).
+            RateLimitedError: the owner has ``max_sessions_per_user`` (429).
+            NotFoundError: ``upstream`` is not enabled... reported as 400 by the API.
+            UpstreamError: the upstream could not start the process (502).
+        """
+        if self._draining or self._nursery is None:
+            raise Unavailable("the gateway is draining; retry through the load balancer")
+        kind = upstream or self.default_upstream
+        backend = self.upstreams.get(kind)
+        if backend is None:
+            raise UpstreamError(f"upstream {kind!r} is not enabled on this gateway "
+                                f"(enabled: {', '.join(sorted(self.upstreams))})")
+        if len(self._sessions) + self._pending >= self.max_sessions:
+            raise Unavailable(f"this gateway holds its maximum of {self.max_sessions} sessions")
+        user = owner.user
+        if (self.max_sessions_per_user
+                and self._per_user.get(user, 0) >= self.max_sessions_per_user):
+            raise RateLimitedError(f"user {user!r} has {self.max_sessions_per_user} sessions "
+                                   "already; end one first")
+        self._pending += 1
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        registered = False
+        try:
+            with trio.move_on_after(self.open_timeout_s) as scope:
+                stream = await backend.open(spec)
+            if scope.cancelled_caught:
+                raise UpstreamError(f"upstream {kind!r} did not start the process within "
+                                    f"{self.open_timeout_s:g} s")
+            nursery = self._nursery
+            if nursery is None or self._draining:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.limits.kill_timeout_s):
+                    await stream.aclose()
+                raise Unavailable("the gateway is draining; retry through the load balancer")
+            session = Session(self._new_id(), owner=user, spec=spec, upstream_kind=kind,
+                              stream=stream, limits=self.limits, counters=self.counters)
+            session.on_closed(self._reap)
+            self._sessions[session.id] = session
+            self._pending -= 1  # counted in _sessions from now on
+            registered = True
+            self.counters.sessions_created += 1
+            await nursery.start(session.run)
+            log.info("session.create.complete %s owner=%s upstream=%s", session.id, user, kind)
+            return session
+        finally:
+            if not registered:
+                self._pending -= 1
+                self._release_user(user)
+
+    def _release_user(self, user: str) -> None:
+        left = self._per_user.get(user, 0) - 1
+        if left > 0:
+            self._per_user[user] = left
+        else:
+            self._per_user.pop(user, None)
+
+    def _reap(self, session: Session) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        self._release_user(session.owner)
+        self._tombstones[session.id] = session.end_reason or "closed"
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        log.info("session.end.complete %s reason=%s", session.id, session.end_reason)
+
+    async def kill(self, session: Session, reason: str = "killed") -> None:
+        """End ``session`` and wait (bounded by the session's kill timeout) until it has."""
+        session.kill(reason)
+        with trio.move_on_after(self.limits.kill_timeout_s + 1.0):
+            await session.wait_closed()
+
+    def drain(self, reason: str = "gateway shutting down") -> None:
+        """Refuse new sessions and tell every attached client to resume elsewhere."""
+        self._draining = True
+        for session in list(self._sessions.values()):
+            session.drain(reason)
+
+    def attached_links(self) -> int:
+        """Attachments still open (drain waits for this to reach 0)."""
+        return sum(len(s.links()) for s in self._sessions.values())
+
+    def statistics(self) -> RegistryStatistics:
+        """A frozen snapshot: sessions by state, attachments, memory."""
+        by_state = {state.value: 0 for state in SessionState}
+        writers = viewers = ring = buffered = 0
+        for session in self._sessions.values():
+            by_state[session.state.value] += 1
+            writers += session.writer is not None
+            viewers += len(session.viewers)
+            ring += session.ring.nbytes_allocated
+            buffered += session.statistics().input_buffered
+        return RegistryStatistics(sessions=MappingProxyType(by_state), writers=writers,
+                                  viewers=viewers, ring_bytes_allocated=ring,
+                                  input_buffered_bytes=buffered, draining=self._draining)

@@ -1,0 +1,790 @@
+"""A session: one upstream process and everything that lets it outlive its clients.
+
+A :class:`Session` owns its upstream stream, an :class:`~podterm.session.ring.OutputRing`
+of output numbered by absolute offset, the output offset its writer has
+ACKed (kept across detaches), the input offset it has accepted and the one it
+has written, its attachments (one ``rw`` writer, any number of ``ro``
+viewers) and its timers (grace, idle, max age).  It runs in the registry's
+nursery, not in a connection's: a client leaving never ends it.
+
+States and legal moves
+----------------------
+
+==========  ==================================================  ===========================
+state       means                                               moves to
+==========  ==================================================  ===========================
+pending     created, its task not yet started                   running, closed
+running     process alive; a writer is attached (or none has    detached, exited, closed
+            attached yet: a fresh session is not "detached")
+detached    process alive; its writer left; grace runs          running, exited, closed
+exited      process gone, all its output in the ring; EXIT      closed
+            goes to every link after the last byte
+closed      upstream closed, attachments told (EXIT + close)    —
+==========  ==================================================  ===========================
+
+``running → closed`` and ``detached → closed`` happen on DELETE (``killed``),
+grace expiry with no writer (``grace``), the idle timeout (``idle``), the max
+age (``max_age``) and gateway shutdown (``shutdown``).  ``exited → closed``
+happens once the writer has received EXIT (it answered our CLOSE after it),
+or on grace expiry, DELETE or shutdown.
+
+Flow control (exactly-once output)
+----------------------------------
+The output pump reads the upstream only while ``ring.end - writer_acked <
+window``, writer attached or not, and the window is smaller than the ring.
+So no byte leaves the ring before the writer has ACKed it: while nobody
+reads, the process blocks on its terminal instead of losing output.  Viewers
+never hold the pump back; one that falls a full ring behind gets ``gap``.
+
+Input (exactly-once input)
+--------------------------
+STDIN from the writer is *accepted* into a bounded session buffer
+(``in_offset`` counts accepted bytes; ``hello.in_acked`` reports it) and
+*written* to the upstream by the session's input pump (``in_written``, which
+the server's input ACKs carry).  Each link knows the offset of every byte it
+receives (``in_cursor``, starting at ``in_acked``), so a byte re-sent after a
+reconnect is recognised and dropped: nothing is typed twice.  Because the
+buffer belongs to the session, a takeover or disconnect can never leave an
+input byte half-written.
+
+Tasks: the session runs three — the supervisor (process exit and the timers),
+the output pump and the input pump — in its own nursery inside the registry's.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from podterm.errors import BadRequestError, ConflictError, GoneError, UpstreamError
+from podterm.metrics import GatewayCounters
+from podterm.protocol.events import Drain, Hello
+from podterm.protocol.events import Gap as GapNotice
+from podterm.session.attachment import Attachment, Mode
+from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing
+from podterm.upstream.base import ExitStatus, OutputChannel, StreamSpec, UpstreamStream
+
+__all__ = [
+    "BadOffset",
+    "Session",
+    "SessionLimits",
+    "SessionState",
+    "SessionStatistics",
+    "new_resume_token",
+]
+
+log = logging.getLogger(__name__)
+
+_STDOUT = int(OutputChannel.STDOUT)
+_STDERR = int(OutputChannel.STDERR)
+_EOF = int(OutputChannel.EOF)
+
+#: Channel switch points kept for no-tty sessions (stdout/stderr interleaved).
+#: Past this many inside the ring, later stderr bytes are labelled stdout:
+#: their offsets and content stay exact, only the label is lost.  4,096 marks
+#: cost ~300 KiB at worst; a real program switches far less often per MiB.
+MAX_CHANNEL_MARKS = 4096
+
+
+class SessionState(enum.Enum):
+    """docs/protocol.md §2 ``state``; the table is in the module docstring."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DETACHED = "detached"
+    EXITED = "exited"
+    CLOSED = "closed"
+
+
+class BadOffset(BadRequestError):
+    """docs/protocol.md §5.1: an attach ``offset`` beyond the output produced (close 1008)."""
+
+    error_code = "bad_offset"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-session bounds and timers.
+
+    Attributes:
+        ring_bytes: output kept for replay (1 MiB, ARCHITECTURE.md).
+        ring_chunk_bytes: the ring's unit of allocation; an idle session holds one.
+        window_bytes: unacknowledged output allowed in flight (256 KiB,
+            docs/protocol.md §6); must be below ``ring_bytes``.
+        read_bytes: most bytes asked of the upstream per read (64 KiB: a
+            PTY rarely returns more than 4 KiB, pipes 64 KiB).
+        input_buffer_bytes: accepted input not yet written to the upstream;
+            beyond it the writer's link stops being read (64 KiB: one pipe
+            buffer, far more than anyone types).
+        grace_s: how long a session without a writer lives (10 min).
+        idle_timeout_s: end after this long without input or output; 0 = off.
+        max_age_s: end any session this old; 0 = off.
+        exit_drain_s: after the process exits, how long output is still read
+            (a background job may hold the terminal) before the rest is killed.
+        heartbeat_interval_s: server PING interval on attached links (15 s).
+        heartbeat_max_missed: unanswered PINGs that mean a dead link (2).
+        close_timeout_s: bound on a link's close handshake.
+        kill_timeout_s: bound on closing the upstream (it SIGKILLs after its
+            own grace; this only stops a wedged close from holding shutdown).
+    """
+
+    ring_bytes: int = 1 << 20
+    ring_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    window_bytes: int = 256 * 1024
+    read_bytes: int = 65536
+    input_buffer_bytes: int = 65536
+    grace_s: float = 600.0
+    idle_timeout_s: float = 0.0
+    max_age_s: float = 0.0
+    exit_drain_s: float = 2.0
+    heartbeat_interval_s: float = 15.0
+    heartbeat_max_missed: int = 2
+    close_timeout_s: float = 5.0
+    kill_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.window_bytes <= 0 or self.window_bytes >= self.ring_bytes + 1:
+            raise ValueError(f"window_bytes={self.window_bytes}: must be in 1..ring_bytes "
+                             f"({self.ring_bytes}), or output could leave the ring unacknowledged")
+        if self.ring_bytes % self.ring_chunk_bytes:
+            raise ValueError(f"ring_bytes={self.ring_bytes} must be a multiple of "
+                             f"ring_chunk_bytes={self.ring_chunk_bytes}")
+        if self.read_bytes <= 0 or self.input_buffer_bytes <= 0:
+            raise ValueError("read_bytes and input_buffer_bytes must be positive")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_max_missed < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_max_missed >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    """A frozen snapshot of one session (for ``/metrics`` and the REST API)."""
+
+    id: str
+    state: SessionState
+    writers: int
+    viewers: int
+    out_offset: int
+    ring_start: int
+    writer_acked: int
+    in_offset: int
+    in_written: int
+    input_buffered: int
+    ring_allocated: int
+
+
+def new_resume_token() -> str:
+    """A fresh resume token: 18 random bytes, url-safe (not a credential, but unguessable)."""
+    return secrets.token_urlsafe(18)
+
+
+def _wall_iso(epoch: float) -> str:
+    t = time.gmtime(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+class Session:
+    """One upstream process and its replayable, resumable streams.
+
+    Args:
+        session_id: ``s-`` + hex; unique in the registry.
+        owner: the user name of whoever created it.
+        spec: what was started.
+        upstream_kind: ``"local"``, ``"kube"`` or ``"agent"``.
+        stream: the started upstream stream; the session closes it.
+        limits: bounds and timers.
+        counters: gateway-wide counters (bytes in, gaps, ...).
+
+    Start it with ``await nursery.start(session.run)``; see the module
+    docstring for states, flow control and tasks.
+    """
+
+    __slots__ = (
+        "id", "owner", "spec", "upstream_kind", "limits", "created_at", "created_mono",
+        "ring", "writer_acked", "in_offset", "in_written", "resume_token", "writer", "viewers",
+        "exit_status", "end_reason", "cols", "rows", "last_activity", "attaches",
+        "_stream", "_counters", "_marks", "_in_chunks", "_in_pending", "_stdin_dead",
+        "_credit_lot", "_input_lot", "_space_lot", "_status_lot", "_eof", "_delivered",
+        "_throttled",
+        "_closed", "_started", "_ever_attached", "_detached_since",
+        "_timer_scope", "_kill_reason", "_on_closed", "_exited_by_itself", "_drain_reason",
+    )
+
+    def __init__(self, session_id: str, *, owner: str, spec: StreamSpec, upstream_kind: str,
+                 stream: UpstreamStream, limits: SessionLimits,
+                 counters: GatewayCounters) -> None:
+        now = trio.current_time()
+        self.id = session_id
+        self.owner = owner
+        self.spec = spec
+        self.upstream_kind = upstream_kind
+        self.limits = limits
+        self.created_at = _wall_iso(time.time())
+        self.created_mono = now
+        self.ring = OutputRing(limits.ring_bytes, limits.ring_chunk_bytes)
+        #: Output offset the writer has ACKed; survives detaches (flow control).
+        self.writer_acked = 0
+        #: Input bytes accepted (buffered or written); what ``hello.in_acked`` says.
+        self.in_offset = 0
+        #: Input bytes written to the upstream; what input ACKs carry.
+        self.in_written = 0
+        self.resume_token = new_resume_token()
+        self.writer: Attachment | None = None
+        self.viewers: list[Attachment] = []
+        self.exit_status: ExitStatus | None = None
+        #: Why the session ended (``exited``, ``killed``, ``grace``, ...), once closed.
+        self.end_reason: str | None = None
+        self.cols = spec.cols
+        self.rows = spec.rows
+        self.last_activity = now
+        self.attaches = 0
+        self._stream = stream
+        self._counters = counters
+        # (offset, channel) where the output channel changes; None until stderr appears.
+        self._marks: deque[tuple[int, int]] | None = None
+        self._in_chunks: deque[bytes] | None = None  # made by the first input
+        self._in_pending = 0
+        self._stdin_dead = False
+        self._credit_lot = trio.lowlevel.ParkingLot()  # the output pump waits for credit
+        self._input_lot = trio.lowlevel.ParkingLot()  # the input pump waits for input
+        self._space_lot = trio.lowlevel.ParkingLot()  # the writer's link waits for buffer space
+        # One lot for every rare status change (EOF, EXIT delivered, exited,
+        # closed): waiters re-check their condition.  Cheaper per idle session
+        # than an Event per condition.
+        self._status_lot = trio.lowlevel.ParkingLot()
+        self._eof = False
+        self._throttled = False  # the output pump waits for the writer's ACKs
+        self._delivered = False
+        self._closed = False
+        self._started = False
+        self._ever_attached = False
+        self._detached_since: float | None = now  # no writer yet: grace counts from creation
+        self._timer_scope: trio.CancelScope | None = None
+        self._kill_reason: str | None = None
+        self._on_closed: list[Callable[[Session], None]] = []
+        self._exited_by_itself = False  # the process exited before anything ended it
+        self._drain_reason: str | None = None  # set once the gateway drains
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> SessionState:
+        """The current state (see the table in the module docstring)."""
+        if self._closed:
+            return SessionState.CLOSED
+        if self.exit_status is not None and self._eof:
+            return SessionState.EXITED
+        if not self._started:
+            return SessionState.PENDING
+        if self.writer is None and self._ever_attached:
+            return SessionState.DETACHED
+        return SessionState.RUNNING
+
+    @property
+    def is_exited(self) -> bool:
+        """True once the process is gone and every output byte is in the ring."""
+        return self.exit_status is not None and self._eof
+
+    @property
+    def exit_reason(self) -> str:
+        """The EXIT ``reason``: ``exited`` when the process ended by itself,
+        else why the session ended it (``killed``, ``grace``, ``idle``, ...)."""
+        if self.is_exited and self._exited_by_itself:
+            return "exited"
+        return self.end_reason or "killed"
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the session has ended for good."""
+        return self._closed
+
+    @property
+    def out_offset(self) -> int:
+        """Output bytes produced so far (the ring's end)."""
+        return self.ring.end
+
+    @property
+    def stream(self) -> UpstreamStream:
+        """The upstream stream (for statistics; the session owns it)."""
+        return self._stream
+
+    def __repr__(self) -> str:
+        return (f"<Session {self.id} {self.state.value} writers={1 if self.writer else 0} "
+                f"viewers={len(self.viewers)} out={self.ring.end} acked={self.writer_acked}>")
+
+    def statistics(self) -> SessionStatistics:
+        """A frozen snapshot of offsets and attachments."""
+        return SessionStatistics(
+            id=self.id, state=self.state, writers=1 if self.writer is not None else 0,
+            viewers=len(self.viewers), out_offset=self.ring.end, ring_start=self.ring.start,
+            writer_acked=self.writer_acked, in_offset=self.in_offset,
+            in_written=self.in_written, input_buffered=self._in_pending,
+            ring_allocated=self.ring.nbytes_allocated)
+
+    def links(self) -> list[Attachment]:
+        """Every attachment: the writer first, then the viewers."""
+        return ([self.writer] if self.writer is not None else []) + self.viewers
+
+    def _wake_links(self) -> None:
+        writer = self.writer
+        if writer is not None:
+            writer.wake()
+        for viewer in self.viewers:
+            viewer.wake()
+
+    # ----------------------------------------------------------- output side
+
+    def channel_runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Split output ``[start, end)`` into ``(from, to, channel)`` runs.
+
+        Every run is STDOUT for a tty session; no-tty sessions interleave
+        STDOUT and STDERR as the process wrote them.
+        """
+        marks = self._marks
+        if not marks:
+            return [(start, end, _STDOUT)]
+        runs: list[tuple[int, int, int]] = []
+        channel = _STDOUT
+        pos = start
+        for offset, ch in marks:
+            if offset <= start:
+                channel = ch
+                continue
+            if offset >= end:
+                break
+            if ch != channel:
+                runs.append((pos, offset, channel))
+                pos = offset
+                channel = ch
+        runs.append((pos, end, channel))
+        return runs
+
+    def _append_output(self, channel: int, data: bytes) -> None:
+        ring = self.ring
+        if channel == _STDERR or self._marks is not None:
+            marks = self._marks
+            if marks is None:
+                marks = self._marks = deque()
+            last = marks[-1][1] if marks else _STDOUT
+            if channel != last:
+                # Forget marks that left the ring (keep the one in force at its start).
+                while len(marks) > 1 and marks[1][0] <= ring.start:
+                    marks.popleft()
+                if len(marks) < MAX_CHANNEL_MARKS:
+                    marks.append((ring.end, channel))
+        ring.append(data)
+        self.last_activity = trio.current_time()
+        self._wake_links()
+
+    async def _pump_output(self) -> None:
+        """Read the upstream while the writer's window has room; the only reader of it."""
+        stream = self._stream
+        ring = self.ring
+        window = self.limits.window_bytes
+        read_bytes = self.limits.read_bytes
+        park = self._credit_lot.park
+        try:
+            while True:
+                room = window - (ring.end - self.writer_acked)
+                if room <= 0:
+                    # Flow control: the writer has a full window unacknowledged
+                    # (attached or not).  The process blocks on its terminal.
+                    self._throttled = True
+                    self._status_lot.unpark_all()  # the exit drain must know
+                    await park()
+                    continue
+                if self._throttled:
+                    self._throttled = False
+                    self._status_lot.unpark_all()
+                channel, data = await stream.receive_some(min(room, read_bytes))
+                if channel == _EOF:
+                    break
+                self._append_output(channel, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the upstream went away: its output is over
+        finally:
+            self._eof = True
+            self._status_lot.unpark_all()
+            self._wake_links()
+
+    def ack_output(self, attachment: Attachment, offset: int) -> None:
+        """Record an output ACK from ``attachment``'s client.
+
+        Raises:
+            BadRequestError: the ACK claims bytes that were never sent (1008).
+        """
+        if offset > attachment.sent:
+            raise BadRequestError(f"ACK {offset} is beyond the {attachment.sent} bytes sent")
+        if offset <= attachment.acked:
+            return
+        attachment.acked = offset
+        if attachment is self.writer and offset > self.writer_acked:
+            self.writer_acked = offset
+            self._credit_lot.unpark_all()
+        attachment.wake()  # more link credit
+
+    # ------------------------------------------------------------ input side
+
+    async def write_input(self, attachment: Attachment, data: bytes) -> None:
+        """Accept one STDIN payload the writer sent at ``attachment.in_cursor``.
+
+        Bytes below the session's accepted offset were accepted before (a
+        re-send after a reconnect) and are dropped.  Waits while the session's
+        input buffer is full (the link stops being read: back-pressure).
+        Returns at once, dropping the rest, if the attachment stops being the
+        writer meanwhile (its successor re-sends from its own ``in_acked``).
+        """
+        start = attachment.in_cursor
+        attachment.in_cursor = start + len(data)
+        skip = self.in_offset - start
+        if skip > 0:
+            if skip >= len(data):
+                return  # all of it was accepted before
+            data = data[skip:]
+        limit = self.limits.input_buffer_bytes
+        while data:
+            if attachment is not self.writer or self._closed:
+                return
+            if self._stdin_dead:
+                # The process no longer reads input: acknowledge and discard,
+                # so the client's buffer empties instead of growing.
+                n = len(data)
+                self.in_offset += n
+                self.in_written += n
+                attachment.wake()
+                return
+            space = limit - self._in_pending
+            if space <= 0:
+                await self._space_lot.park()
+                continue
+            piece = data if len(data) <= space else data[:space]
+            data = data[len(piece):]
+            chunks = self._in_chunks
+            if chunks is None:
+                chunks = self._in_chunks = deque()
+            chunks.append(piece)
+            self._in_pending += len(piece)
+            self.in_offset += len(piece)
+            self._counters.bytes_in += len(piece)
+            self.last_activity = trio.current_time()
+            self._input_lot.unpark_all()
+
+    async def _pump_input(self) -> None:
+        """Write accepted input to the upstream, in order; the only writer of it."""
+        stream = self._stream
+        while True:
+            chunks = self._in_chunks
+            if not chunks:
+                await self._input_lot.park()
+                continue
+            piece = chunks[0]
+            try:
+                await stream.send_stdin(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The process closed its input or is gone: what is buffered
+                # can never be written.  Count it as handled, from now on too.
+                self._stdin_dead = True
+                self.in_written = self.in_offset
+                chunks.clear()
+                self._in_pending = 0
+                self._space_lot.unpark_all()
+                if self.writer is not None:
+                    self.writer.wake()
+                return
+            chunks.popleft()
+            self._in_pending -= len(piece)
+            self.in_written += len(piece)
+            self._space_lot.unpark_all()
+            if self.writer is not None:
+                self.writer.wake()  # an input ACK is due
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal size; 0 in either keeps that dimension (docs/protocol.md §4)."""
+        cols = cols or self.cols
+        rows = rows or self.rows
+        if (cols, rows) == (self.cols, self.rows):
+            return
+        self.cols, self.rows = cols, rows
+        if self._closed or self.is_exited:
+            return
+        try:
+            self._stream.resize(cols, rows)
+        except (OSError, ValueError, trio.ClosedResourceError) as exc:
+            log.debug("session.resize.failed %s: %s", self.id, exc)
+
+    # ----------------------------------------------------------- attachments
+
+    def attach(self, mode: Mode, offset: int, resume_token: str | None) -> Attachment:
+        """Attach a client; it gets ``hello`` (and ``gap``) queued, then replay and live output.
+
+        Args:
+            mode: ``rw`` or ``ro``.
+            offset: the first output byte the client has not seen.
+            resume_token: the token from ``POST`` or the latest ``hello``;
+                lets a ``rw`` attach take over from an existing writer.
+
+        Returns:
+            The attachment, with ``hello`` (and ``gap`` when ``offset`` left
+            the ring) queued.  A ``rw`` attachment receives the rotated
+            resume token; viewers get none.
+
+        Raises:
+            GoneError: the session has ended (4410).
+            BadOffset: ``offset`` is beyond the output produced (1008).
+            ConflictError: ``rw`` while a writer is attached and the token is
+                not the current one (4409).
+        """
+        if self._closed:
+            raise GoneError(f"session {self.id} has ended")
+        ring = self.ring
+        if offset < 0 or offset > ring.end:
+            raise BadOffset(f"offset {offset} is beyond the {ring.end} bytes of output "
+                            "this session has produced")
+        token_ok = resume_token is not None and hmac.compare_digest(
+            resume_token.encode("utf-8", "replace"), self.resume_token.encode("ascii"))
+        old = self.writer
+        if mode is Mode.RW and old is not None:
+            if not token_ok:
+                raise ConflictError(f"session {self.id} already has a writer; attach "
+                                    "read-only, or resume with the current resume token")
+            old.request_close(4409, "taken over by a resumed connection")
+            self._counters.takeovers += 1
+        att = Attachment(self, mode, offset, self.in_offset, ring.end)
+        att.resumed = token_ok
+        token: str | None = None
+        if mode is Mode.RW:
+            self.writer = att
+            self._ever_attached = True
+            self._detached_since = None
+            self.resume_token = token = new_resume_token()
+            if offset > self.writer_acked:
+                # The client has seen everything before ``offset``.
+                self.writer_acked = offset
+                self._credit_lot.unpark_all()
+            self._retime()
+        else:
+            self.viewers.append(att)
+        self.attaches += 1
+        start = offset
+        gap: GapNotice | None = None
+        if offset < ring.start:
+            gap = GapNotice(offset, ring.start)
+            start = ring.start
+        limits = self.limits
+        att.notify(Hello(
+            session=self.id, resume_token=token,
+            state="exited" if self.is_exited else "running", mode=mode.value,
+            out_offset=start, ring_start=ring.start, in_acked=self.in_offset,
+            cols=self.cols, rows=self.rows, window=limits.window_bytes,
+            heartbeat_s=limits.heartbeat_interval_s))
+        if gap is not None:
+            att.notify(gap)
+            att.sent = att.acked = start
+            self._counters.gaps += 1
+            self._counters.gap_bytes += gap.lost
+        if self._drain_reason is not None:
+            # Attached just as the gateway began to drain: move on at once too.
+            att.notify(Drain(self._drain_reason))
+            att.request_close(1001, "gateway draining: reconnect and resume")
+        return att
+
+    def detach(self, attachment: Attachment) -> None:
+        """Remove ``attachment`` (its connection ended).  The session keeps running."""
+        if attachment is self.writer:
+            self.writer = None
+            self._detached_since = trio.current_time()
+            self._retime()
+            self._space_lot.unpark_all()
+        else:
+            try:
+                self.viewers.remove(attachment)
+            except ValueError:
+                pass
+
+    def exit_delivered(self, attachment: Attachment) -> None:
+        """The writer received EXIT (it answered the CLOSE that followed): the session may end."""
+        if attachment.mode is Mode.RW and self.is_exited:
+            self._delivered = True
+            self._status_lot.unpark_all()
+
+    def drain(self, reason: str) -> None:
+        """Tell every attached client to reconnect elsewhere (docs/protocol.md §4 ``drain``)."""
+        self._drain_reason = reason
+        for att in self.links():
+            if att.close is None:
+                att.notify(Drain(reason))
+                att.request_close(1001, "gateway draining: reconnect and resume")
+
+    # -------------------------------------------------------- life and death
+
+    def kill(self, reason: str = "killed") -> None:
+        """End the session now: the upstream is killed, links get EXIT then close 4410."""
+        if self._closed or self._kill_reason is not None:
+            return
+        self._kill_reason = reason
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+
+    async def wait_exited(self) -> None:
+        """Wait until the process has exited and its output is all in the ring (or the
+        session ended); the caller bounds the wait."""
+        await self._wait_status(lambda: self.is_exited or self._closed)
+
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended (the caller bounds the wait)."""
+        await self._wait_status(lambda: self._closed)
+
+    async def _wait_status(self, condition: Callable[[], bool]) -> None:
+        await trio.lowlevel.checkpoint()
+        while not condition():
+            await self._status_lot.park()
+
+    def _deadline(self) -> float:
+        limits = self.limits
+        deadline = math.inf
+        if self._detached_since is not None and self.writer is None:
+            deadline = self._detached_since + limits.grace_s
+        if limits.idle_timeout_s > 0 and not self.is_exited:
+            deadline = min(deadline, self.last_activity + limits.idle_timeout_s)
+        if limits.max_age_s > 0:
+            deadline = min(deadline, self.created_mono + limits.max_age_s)
+        return deadline
+
+    def _expired(self, now: float) -> str | None:
+        limits = self.limits
+        if limits.max_age_s > 0 and now >= self.created_mono + limits.max_age_s:
+            return "max_age"
+        if (self.writer is None and self._detached_since is not None
+                and now >= self._detached_since + limits.grace_s):
+            return "grace"
+        if (limits.idle_timeout_s > 0 and not self.is_exited
+                and now >= self.last_activity + limits.idle_timeout_s):
+            return "idle"
+        return None
+
+    def _retime(self) -> None:
+        # An earlier deadline (a writer left) must wake the supervisor now; a
+        # later one is found when the old deadline passes and nothing expired.
+        scope = self._timer_scope
+        if scope is not None and self._kill_reason is None:
+            scope.deadline = self._deadline()
+
+    async def _wait_timed(self, waiter: Callable[[], Awaitable[object]]) -> str | None:
+        """Await ``waiter()`` until it returns (None) or a timer or kill ends the session."""
+        while True:
+            with trio.CancelScope(deadline=self._deadline()) as scope:
+                self._timer_scope = scope
+                if self._kill_reason is not None:
+                    scope.cancel()
+                await waiter()
+            self._timer_scope = None
+            if not scope.cancelled_caught:
+                return None
+            if self._kill_reason is not None:
+                return self._kill_reason
+            reason = self._expired(trio.current_time())
+            if reason is not None:
+                return reason
+
+    async def _supervise(self) -> str:
+        stream = self._stream
+        status: list[ExitStatus] = []
+
+        async def wait_exit() -> None:
+            status.append(await stream.wait_exit())
+
+        reason = await self._wait_timed(wait_exit)
+        if reason is not None:
+            return reason
+        # The process exited.  Its output may still be in flight, or held by a
+        # background job that keeps the terminal open: read on for a bounded
+        # time, then kill the rest.  The bound runs only while the pump reads:
+        # output held back by flow control waits for the writer (under the
+        # session's timers), because dropping it would break exactly-once.
+        def eof() -> bool:
+            return self._eof
+
+        def eof_or_throttled() -> bool:
+            return self._eof or self._throttled
+
+        def eof_or_reading() -> bool:
+            return self._eof or not self._throttled
+
+        while not self._eof:
+            if self._throttled:
+                reason = await self._wait_timed(lambda: self._wait_status(eof_or_reading))
+                if reason is not None:
+                    return reason
+                continue
+            with trio.move_on_after(self.limits.exit_drain_s) as drain:
+                await self._wait_status(eof_or_throttled)
+            if drain.cancelled_caught:
+                break
+        if not self._eof:
+            with trio.move_on_after(self.limits.kill_timeout_s):
+                await stream.aclose()
+            with trio.move_on_after(self.limits.kill_timeout_s):
+                await self._wait_status(eof)
+            self._eof = True
+        self.exit_status = status[0]
+        self._exited_by_itself = True
+        log.debug("session.exited %s: %s", self.id, self.exit_status.reason)
+        self._status_lot.unpark_all()
+        self._wake_links()  # EXIT goes out after the last byte
+        reason = await self._wait_timed(lambda: self._wait_status(lambda: self._delivered))
+        return reason if reason is not None else "exited"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The session's life: start the pumps, supervise, then close everything.
+
+        Returns when the session has ended; the upstream is closed and every
+        link told by then.  Cancellation (gateway shutdown) ends it too.
+        """
+        self._started = True
+        reason = "shutdown"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_output)
+                nursery.start_soon(self._pump_input)
+                task_status.started()
+                reason = await self._supervise()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # The upstream failed, or a bug: it ends this session, never the
+            # registry (and with it every other session).
+            failed = exc.split(UpstreamError)[0] if isinstance(exc, ExceptionGroup) else (
+                exc if isinstance(exc, UpstreamError) else None)
+            reason = "upstream_failed" if failed else "internal_error"
+            log.error("session.run.failed %s: %s", self.id, reason, exc_info=exc)
+        finally:
+            self.end_reason = reason
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.limits.kill_timeout_s):
+                    await self._stream.aclose()
+                if self.exit_status is None:
+                    with trio.move_on_after(1.0):
+                        self.exit_status = await self._stream.wait_exit()
+            self._closed = True
+            self._eof = True
+            GatewayCounters.bump(self._counters.sessions_ended, reason)
+            for att in self.links():
+                if reason == "exited":
+                    att.wake()  # EXIT + 1000 where not sent yet
+                else:
+                    att.request_close(4410, f"session ended ({reason})")
+            self._space_lot.unpark_all()
+            self._status_lot.unpark_all()
+            for callback in self._on_closed:
+                callback(self)
+
+    def on_closed(self, callback: Callable[[Session], None]) -> None:
+        """Call ``callback(session)`` once the session has ended (the registry's hook)."""
+        self._on_closed.append(callback)

@@ -1,0 +1,1 @@
+"""End-to-end tests: real gateway processes, real clients (CLI in tmux, browsers)."""

@@ -1,0 +1,389 @@
+"""podterm.v1 attach, resume, join and the session lifecycle, end to end over loopback.
+
+Each test drives the protocol directly (``podterm.net.wsconn`` + ``ClientCodec``)
+against a real gateway whose sessions run real processes on the local upstream.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from podterm.protocol.events import ErrorMsg, Gap, Hello, Stderr, Stdout
+from podterm.protocol.offsets import InputLog
+from podterm.session.session import SessionLimits, SessionState
+
+if TYPE_CHECKING:
+    from conftest import GatewayFactory, GatewayUnderTest
+
+pytestmark = pytest.mark.trio
+
+WAIT_S = 10.0
+
+
+def _seq(n: int) -> bytes:
+    return subprocess.run(["seq", "1", str(n)], check=True, capture_output=True).stdout
+
+
+async def _finish(gateway: GatewayUnderTest, session_id: str) -> None:
+    answer = await gateway.rest("DELETE", f"/api/v1/sessions/{session_id}")
+    assert answer.status in (200, 410)
+
+
+async def test_hello_fields(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], size={"cols": 100, "rows": 30})
+        client = await gateway.attach(created["id"])
+        hello = await client.wait_hello()
+        assert hello == Hello(
+            session=created["id"], resume_token=hello.resume_token, state="running", mode="rw",
+            out_offset=0, ring_start=0, in_acked=0, cols=100, rows=30, window=256 * 1024,
+            heartbeat_s=15.0, notices=())
+        # Rotated on attach: the token from POST no longer works.
+        assert hello.resume_token and hello.resume_token != created["resume_token"]
+        assert client.events[0] == hello  # hello comes first
+        await client.send_stdin(b"hi\n")
+        await client.wait_output(b"hi\r\nhi\r\n")  # the tty's echo, then cat's copy
+        await client.wait_for(lambda c: 3 in c.in_acks)  # input ACKed once written
+        got = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
+        assert got.json["in_offset"] == 3 and got.json["writers"] == 1
+        await client.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_resume_replays_exactly_the_missing_bytes(gateway: GatewayUnderTest) -> None:
+    # 1.3 MB of output: more than the window and the ring; cut three times.
+    expected = _seq(200_000)
+    with trio.fail_after(WAIT_S * 3):
+        created = await gateway.create(["seq", "1", "200000"], tty=False)
+        received = bytearray()
+        token = created["resume_token"]
+        offset = 0
+        for cut_after in (50_000, 400_000, 900_000, None):
+            client = await gateway.attach(created["id"], offset=offset, resume_token=token)
+            hello = await client.wait_hello()
+            assert hello.out_offset == offset  # replay starts where we left off
+            assert client.gaps == []
+            token = hello.resume_token
+            if cut_after is None:
+                code = await client.wait_closed()
+                assert code == 1000
+                assert client.exit is not None and client.exit.code == 0
+            else:
+                await client.wait_for(lambda c, n=cut_after: c.offset >= n)
+                await client.cut()
+            received += client.output
+            offset = client.offset
+        assert bytes(received) == expected
+        replayed = gateway.gw.counters.snapshot().replayed_bytes
+        assert replayed >= 0
+        session = None
+        try:
+            session = gateway.registry.get(created["id"])
+        except Exception:
+            pass
+        if session is not None:
+            await session.wait_closed()
+        assert len(gateway.registry) == 0  # EXIT was delivered: the session ended
+
+
+async def test_input_is_applied_exactly_once_across_a_cut(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        log = InputLog()
+        client = await gateway.attach(created["id"], resume_token=created["resume_token"])
+        await client.wait_hello()
+        for piece in (b"one\n", b"two\n"):
+            log.append(piece)
+            await client.send_stdin(piece)
+        await client.wait_for(lambda c: c.in_acks and c.in_acks[-1] >= 4)
+        log.ack(client.in_acks[-1])
+        piece = b"three\n"
+        log.append(piece)
+        await client.send_stdin(piece)
+        await client.cut()  # maybe before, maybe after the gateway took "three\n"
+        output = bytes(client.output)
+        client = await gateway.attach(created["id"], offset=client.offset,
+                                      resume_token=client.hello.resume_token)
+        hello = await client.wait_hello()
+        # Re-send everything the gateway has not accepted, then new input.
+        resend = log.replay_from(hello.in_acked)
+        if resend:
+            await client.send_stdin(resend)
+        log.append(b"four\n")
+        await client.send_stdin(b"four\n")
+        await client.wait_output(b"four\n")
+        output += bytes(client.output)
+        assert output == b"one\ntwo\nthree\nfour\n"
+        await client.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_gap_when_offset_left_the_ring(make_gateway: GatewayFactory) -> None:
+    limits = SessionLimits(ring_bytes=8192, ring_chunk_bytes=4096, window_bytes=4096)
+    gateway = await make_gateway(session_limits=limits)
+    expected = _seq(5000)  # 23,893 bytes: far more than the ring
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "seq 1 5000; exec cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        hello = await client.wait_hello()
+        await client.wait_for(lambda c: c.offset >= len(expected))
+        assert bytes(client.output) == expected
+        await client.cut()
+        again = await gateway.attach(created["id"], offset=0, resume_token=hello.resume_token)
+        hello2 = await again.wait_hello()
+        assert hello2.ring_start > 0 and hello2.out_offset == hello2.ring_start
+        await again.wait_for(lambda c: c.offset >= len(expected))
+        gaps = [e for e in again.events if isinstance(e, Gap)]
+        assert gaps == [Gap(0, hello2.ring_start)]
+        assert again.events.index(gaps[0]) == 1  # right after hello
+        assert bytes(again.output) == expected[hello2.ring_start:]
+        await again.aclose()
+        await _finish(gateway, created["id"])
+    assert gateway.gw.counters.snapshot().gaps == 1
+
+
+async def test_offset_beyond_output_is_refused(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"], offset=999)
+        assert await client.wait_closed() == 1008
+        errors = [e for e in client.events if isinstance(e, ErrorMsg)]
+        assert errors and errors[0].code == "bad_offset"
+        await _finish(gateway, created["id"])
+
+
+async def test_writer_takeover_needs_the_resume_token(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        first = await gateway.attach(created["id"])
+        hello1 = await first.wait_hello()
+        # Without the token (or with the stale one from POST): refused, 4409.
+        for token in (None, created["resume_token"]):
+            intruder = await gateway.attach(created["id"], resume_token=token)
+            assert await intruder.wait_closed() == 4409
+            assert any(isinstance(e, ErrorMsg) and e.code == "conflict" for e in intruder.events)
+        # With the current token: the new connection takes over.
+        second = await gateway.attach(created["id"], resume_token=hello1.resume_token)
+        hello2 = await second.wait_hello()
+        assert hello2.mode == "rw" and hello2.resume_token != hello1.resume_token
+        assert await first.wait_closed() == 4409
+        await second.send_stdin(b"still here\n")
+        await second.wait_output(b"still here\r\nstill here\r\n")
+        assert gateway.gw.counters.snapshot().takeovers == 1
+        await second.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_viewer_sees_output_and_may_not_type(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        writer = await gateway.attach(created["id"])
+        await writer.wait_hello()
+        viewer = await gateway.attach(created["id"], mode="ro")
+        hello = await viewer.wait_hello()
+        assert hello.mode == "ro" and hello.resume_token is None
+        await writer.send_stdin(b"shared\n")
+        await viewer.wait_output(b"shared\r\nshared\r\n")
+        await viewer.send_stdin(b"rm -rf /\n")
+        assert await viewer.wait_closed() == 1008
+        # The writer and the session are unaffected.
+        await writer.send_stdin(b"after\n")
+        await writer.wait_output(b"after\r\nafter\r\n")
+        assert b"rm -rf" not in bytes(writer.output)
+        await writer.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_no_tty_session_keeps_stdout_and_stderr_apart(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "echo out; echo err >&2"], tty=False)
+        client = await gateway.attach(created["id"])
+        assert await client.wait_closed() == 1000
+        out = b"".join(e.data for e in client.events if isinstance(e, Stdout))
+        err = b"".join(e.data for e in client.events if isinstance(e, Stderr))
+        assert (out, err) == (b"out\n", b"err\n")
+
+
+async def test_process_exit_sends_exit_then_1000(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "echo done; exit 3"])
+        client = await gateway.attach(created["id"])
+        assert await client.wait_closed() == 1000
+        assert b"done" in client.output
+        assert client.exit is not None
+        assert (client.exit.code, client.exit.signal, client.exit.reason) == (3, None, "exited")
+        session = gateway.registry.get(created["id"]) if len(gateway.registry) else None
+        if session is not None:
+            await session.wait_closed()
+        answer = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
+        assert answer.status == 410  # delivered, then reaped
+
+
+async def test_exited_session_stays_attachable_for_the_tail(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "echo tail-end; exit 7"])
+        session = gateway.registry.get(created["id"])
+        # Nobody is attached: the process exits, the session waits in "exited".
+        await session.wait_exited()
+        assert session.state is SessionState.EXITED
+        got = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
+        assert got.json["state"] == "exited"
+        assert got.json["exit"] == {"code": 7, "signal": None, "reason": "exited"}
+        client = await gateway.attach(created["id"], resume_token=created["resume_token"])
+        hello = await client.wait_hello()
+        assert hello.state == "exited"
+        assert await client.wait_closed() == 1000
+        assert b"tail-end" in client.output and client.exit.code == 7
+        await session.wait_closed()
+
+
+async def test_delete_sends_exit_then_4410(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        answer = await gateway.rest("DELETE", f"/api/v1/sessions/{created['id']}")
+        assert answer.status == 200 and answer.json["state"] == "closed"
+        assert await client.wait_closed() == 4410
+        assert client.exit is not None and client.exit.reason == "killed"
+
+
+async def test_detach_leaves_the_session_running(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await client.send_detach()
+        assert await client.wait_closed() == 1000
+        await trio.testing.wait_all_tasks_blocked()
+        session = gateway.registry.get(created["id"])
+        assert session.state is SessionState.DETACHED
+        got = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
+        assert got.json["state"] == "detached" and got.json["writers"] == 0
+        await _finish(gateway, created["id"])
+
+
+async def test_resize_reaches_the_terminal(gateway: GatewayUnderTest) -> None:
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh"], size={"cols": 80, "rows": 24})
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await client.send_resize(132, 43)
+        await client.send_stdin(b"stty size\n")
+        await client.wait_output(b"43 132")
+        await client.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_dead_heartbeat_detaches_the_session(make_gateway: GatewayFactory) -> None:
+    limits = SessionLimits(heartbeat_interval_s=0.2)
+    gateway = await make_gateway(session_limits=limits)
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        # Stop answering: read raw bytes (PINGs) without ever sending a PONG.
+        raw = b""
+        while chunk := await client.ws.stream.receive_some(4096):
+            raw += chunk
+        await client.ws.stream.aclose()
+        assert raw.count(b"\x89\x08") >= 2  # at least two unanswered PINGs came
+        await trio.testing.wait_all_tasks_blocked()
+        session = gateway.registry.get(created["id"])
+        assert session.state is SessionState.DETACHED  # detached, not ended
+        assert gateway.gw.counters.snapshot().heartbeat_failures == 1
+        await _finish(gateway, created["id"])
+
+
+async def test_grace_expiry_ends_the_session(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(session_limits=SessionLimits(grace_s=0.3))
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        session = gateway.registry.get(created["id"])
+        await client.cut()
+        await session.wait_closed()
+        assert session.end_reason == "grace"
+        assert (await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")).status == 410
+        assert gateway.gw.counters.snapshot().sessions_ended["grace"] == 1
+
+
+async def test_idle_timeout_ends_an_attached_session(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(session_limits=SessionLimits(idle_timeout_s=0.3))
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"])
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        assert await client.wait_closed() == 4410
+        assert client.exit is not None and client.exit.reason == "idle"
+
+
+async def test_output_waits_for_the_writer_even_after_exit(make_gateway: GatewayFactory) -> None:
+    # Window 4 KiB: with nobody attached the gateway reads one window, then
+    # stops reading; the rest waits in the pipe, even after the process exits.
+    limits = SessionLimits(ring_bytes=8192, ring_chunk_bytes=4096, window_bytes=4096,
+                           exit_drain_s=0.1)
+    gateway = await make_gateway(session_limits=limits)
+    expected = _seq(5000)  # 23,893 bytes: fits the pipe, not the window
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["seq", "1", "5000"], tty=False)
+        session = gateway.registry.get(created["id"])
+        await session.stream.wait_exit()
+        # Longer than the exit drain: held-back output must not be dropped.
+        # (A timer that must NOT fire; nothing here waits for a race.)
+        await trio.sleep(limits.exit_drain_s * 5)
+        assert session.out_offset == 4096
+        assert session.state is SessionState.RUNNING  # exited, but output is pending
+        client = await gateway.attach(created["id"], resume_token=created["resume_token"])
+        assert await client.wait_closed() == 1000
+        assert bytes(client.output) == expected
+        assert client.exit is not None and client.exit.code == 0
+        await session.wait_closed()
+
+
+async def test_lagging_viewer_gets_a_gap(make_gateway: GatewayFactory) -> None:
+    limits = SessionLimits(ring_bytes=8192, ring_chunk_bytes=4096, window_bytes=4096)
+    gateway = await make_gateway(session_limits=limits)
+    expected = _seq(5000)
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "seq 1 5000; exec cat"], tty=False)
+        viewer = await gateway.attach(created["id"], mode="ro", auto_ack=False)
+        await viewer.wait_hello()
+        await viewer.wait_for(lambda c: c.offset >= 4096)  # one window, then it stalls
+        writer = await gateway.attach(created["id"], resume_token=created["resume_token"])
+        await writer.wait_for(lambda c: c.offset >= len(expected))
+        assert bytes(writer.output) == expected  # the viewer never held the writer back
+        ring_start = gateway.registry.get(created["id"]).ring.start
+        viewer.auto_ack = True
+        await viewer.send_ack(viewer.offset)
+        await viewer.wait_for(lambda c: c.offset >= len(expected))
+        # It fell a full ring behind (once or more): each gap says from where
+        # to where, the first from the byte it stalled at, the last to the
+        # ring start it resumed from; every byte it did get is the right one.
+        assert viewer.gaps and viewer.gaps[0].from_offset == 4096
+        assert viewer.gaps[-1].to_offset == ring_start
+        for offset, data in viewer.segments:
+            assert expected[offset:offset + len(data)] == data
+        lost = sum(g.lost for g in viewer.gaps)
+        assert len(viewer.output) + lost == len(expected)
+        assert bytes(viewer.output).endswith(expected[ring_start:])
+        await viewer.aclose()
+        await writer.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def test_max_age_ends_even_a_busy_session(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(session_limits=SessionLimits(max_age_s=0.3))
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "while :; do echo tick; sleep 0.05; done"])
+        client = await gateway.attach(created["id"])
+        await client.wait_output(b"tick")
+        assert await client.wait_closed() == 4410
+        assert client.exit is not None and client.exit.reason == "max_age"
+        assert gateway.gw.counters.snapshot().sessions_ended == {"max_age": 1}
