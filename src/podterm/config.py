@@ -143,10 +143,12 @@ class LimitsConfig:
     #: 256: an office or a CI fleet behind one NAT address shares this bound; it
     #: stops one host from exhausting descriptors.  0 = no per-address bound.
     max_connections_per_ip: int = 256
-    #: HTTP request head + body.  h11 bounds an incomplete event at 16 KiB (what
-    #: node and Apache allow for a head); OIDC bearer tokens can be 8 KiB alone, and
-    #: the REST bodies are small JSON, so 64 KiB covers both with room.
-    max_request_bytes: int = 64 * KiB
+    #: HTTP request head + body.  The head is bounded separately at 64 KiB at most
+    #: (h11 bounds an incomplete event at 16 KiB by default; OIDC bearer tokens can be
+    #: 8 KiB alone).  The body must hold a create request whose ``command`` is at the
+    #: protocol's 64 KiB limit once JSON-escaped (up to 6x for control bytes), so
+    #: 256 KiB; larger bodies are refused with 413.
+    max_request_bytes: int = 256 * KiB
 
 
 @dataclass(frozen=True, slots=True)

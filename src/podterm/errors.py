@@ -17,6 +17,7 @@ matching message text.
     ├── ConflictError          409 / 4409
     ├── GoneError              410 / 4410
     ├── RateLimitedError       429 / 4429
+    ├── Unavailable            503 / 1013 (draining, at capacity, store down)
     ├── BadRequestError        400 / 1008
     ├── ConfigError            a bad flag, env var or file key (exit status 2)
     └── UpstreamError          the upstream failed (502 / 1011)
@@ -160,6 +161,19 @@ class RateLimitedError(PodtermError):
     http_status = 429
     outcome = "rejected"
     reason_name = "TooManyRequests"
+
+
+class Unavailable(PodtermError):
+    """docs/protocol.md §2 ``unavailable`` (503): draining, at capacity, or the store is down.
+
+    The close code is 1013 "try again later": the client should reconnect, and
+    through a load balancer it will reach a peer that can serve it.
+    """
+
+    close_code = CloseCode.TRY_AGAIN_LATER
+    http_status = 503
+    outcome = "rejected"
+    reason_name = "ServiceUnavailable"
 
 
 class BadRequestError(PodtermError):

@@ -453,8 +453,13 @@ class WebSocketStream:
 
     async def _read_for_close(self) -> None:
         """One read during the close handshake; what it brings is discarded."""
-        while self._reading:  # the reader task is mid-read: let it finish
-            await self._park_reader()
+        if self._reading:
+            # The reader task is mid-read: let it finish, then return so the
+            # caller re-checks its condition.  That read may well have been the
+            # peer's CLOSE or EOF; reading again would stall until the timeout.
+            while self._reading:
+                await self._park_reader()
+            return
         if self._eof:
             return
         self._reading = True

@@ -26,11 +26,10 @@ import trio
 
 from podterm.auth.identity import Identity
 from podterm.errors import (
-    CloseCode,
     GoneError,
     NotFoundError,
-    PodtermError,
     RateLimitedError,
+    Unavailable,
     UpstreamError,
 )
 from podterm.metrics import GatewayCounters
@@ -44,18 +43,6 @@ log = logging.getLogger(__name__)
 #: Ended session ids remembered for 410 answers.  10,000 ids cost ~1 MiB; an
 #: id older than that is answered 404, which a client treats the same way.
 MAX_TOMBSTONES = 10_000
-
-
-class Unavailable(PodtermError):
-    """docs/protocol.md §2 ``unavailable`` (503): draining, or at capacity.
-
-    (``errors.py`` has no 503 class yet; STYLE.md §3 calls it ``Overloaded``.)
-    """
-
-    close_code = CloseCode.TRY_AGAIN_LATER
-    http_status = 503
-    outcome = "rejected"
-    reason_name = "ServiceUnavailable"
 
 
 @dataclass(frozen=True, slots=True)
