@@ -1,0 +1,423 @@
+"""Session recordings on disk: one asciicast v2 file per session, written off the event loop.
+
+One :class:`RecordingWriter` serves every session of a gateway process.  Its
+:class:`~podterm.batcher.Batcher` (bounded in *bytes*: a record weighs its
+data) collects the :class:`~podterm.recording.recorder.CastRecord` entries
+of all recorders; each batch goes to a worker thread that encodes them into
+asciicast lines (:class:`~podterm.recording.asciicast.CastEncoder`, which
+carries split UTF-8 sequences over) and appends each session's lines to
+``<dir>/<session id>.cast`` with one ``write`` per file per batch.
+
+Descriptors: a gateway may hold 9,000 sessions in a 20,000-descriptor process
+(config.LimitsConfig), so the writer keeps at most ``max_open_files`` files
+open (least recently written closed first; reopened for append when needed).
+
+Failure: an error writing one session's file (disk full, directory gone,
+quota) fails *that* recording: its recorder is told (on the event loop,
+after the batch), the session closes itself (fail closed), and the file's
+later records are discarded and counted (``discarded_records``), because the
+session they belong to is being closed for exactly that reason.  Other
+sessions' files are unaffected.  A failure is never silent: it is logged,
+counted, and reported to the session, which writes a ``recording.failure``
+audit event.
+
+Files are created ``0600`` with ``O_EXCL``: a recording is never appended to
+another session's file, and holds what was typed at the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from podterm.batcher import (
+    DEFAULT_CLOSE_TIMEOUT_S,
+    Batcher,
+    BatcherStatistics,
+    FullPolicy,
+)
+from podterm.recording.asciicast import CastEncoder
+from podterm.recording.recorder import CastRecord, Recorder, record_weight
+
+__all__ = ["RecordingWriter", "RecordingWriterStatistics", "cast_path"]
+
+log = logging.getLogger(__name__)
+
+#: 16 MiB of pending recording data per process: ~1.6 s of a full-speed `cat`
+#: from 100 sessions at 100 KiB/s each; beyond it recorders wait (backpressure).
+DEFAULT_CAPACITY_BYTES = 16 * 1024 * 1024
+#: 1 MiB per batch: one write per file per batch, and a bounded thread hop.
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+#: 0.1 s: terminal output arrives in small chunks (a PTY read is often < 100 B);
+#: coalescing for a tenth of a second turns thousands of tiny writes into a few,
+#: at no cost to a recording's content or timing (each event keeps its time).
+DEFAULT_FLUSH_INTERVAL_S = 0.1
+#: Open recording files at once; see "Descriptors" above.
+DEFAULT_MAX_OPEN_FILES = 256
+
+# Session ids become file names: no '/', no leading '.', nothing to escape
+# (cli._SESSION_ID's rule).
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def cast_path(directory: str | os.PathLike[str], session_id: str) -> Path:
+    """``<directory>/<session_id>.cast``.
+
+    Raises:
+        ValueError: the session id could escape the directory.
+    """
+    if not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(f"session id {session_id!r} cannot name a recording file")
+    return Path(directory) / f"{session_id}.cast"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingWriterStatistics:
+    """A frozen snapshot of the recording writer.
+
+    Attributes:
+        batcher: the batcher's snapshot (weights are bytes).
+        recorders: recorders whose file is not finished yet.
+        files_open: descriptors held now.
+        files_created: recording files created.
+        files_finished: recordings closed cleanly.
+        failures: recordings failed (each closed its session).
+        discarded_records: records of failed recordings, not written on purpose.
+        bytes_written: bytes appended to recording files.
+    """
+
+    batcher: BatcherStatistics
+    recorders: int
+    files_open: int
+    files_created: int
+    files_finished: int
+    failures: int
+    discarded_records: int
+    bytes_written: int
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _CastFile:
+    __slots__ = ("session_id", "path", "encoder", "fd", "created", "pending", "closing",
+                 "failed")
+
+    def __init__(self, session_id: str, path: Path, encoder: CastEncoder) -> None:
+        self.session_id = session_id
+        self.path = path
+        self.encoder = encoder
+        self.fd: int | None = None
+        self.created = False
+        self.pending: list[bytes] = []
+        self.closing = False
+        self.failed = False
+
+
+class _Files:
+    """The thread side: encoders and descriptors.  Used only under the writer's limiter."""
+
+    def __init__(self, directory: Path, *, max_open: int, fsync_on_close: bool,
+                 mode: int) -> None:
+        self.directory = directory
+        self.max_open = max_open
+        self.fsync_on_close = fsync_on_close
+        self.mode = mode
+        self.files: dict[str, _CastFile] = {}
+        self.lru: OrderedDict[str, None] = OrderedDict()  # ids with an open fd
+        # Handed to the event loop after each batch (by after_write):
+        self.failures: list[tuple[str, BaseException]] = []
+        self.finished: list[str] = []
+        self.created = 0
+        self.finished_total = 0
+        self.failures_total = 0
+        self.discarded = 0
+        self.bytes_written = 0
+
+    def _fd(self, f: _CastFile) -> int:
+        if f.fd is not None:
+            self.lru.move_to_end(f.session_id)
+            return f.fd
+        if f.created:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        else:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(f.path, flags, self.mode)
+        if not f.created:
+            f.created = True
+            self.created += 1
+        f.fd = fd
+        self.lru[f.session_id] = None
+        while len(self.lru) > self.max_open:
+            oldest, _ = self.lru.popitem(last=False)
+            other = self.files[oldest]
+            if other.fd is not None:
+                fd_old, other.fd = other.fd, None
+                os.close(fd_old)
+        return fd
+
+    def _drop_fd(self, f: _CastFile) -> None:
+        self.lru.pop(f.session_id, None)
+        if f.fd is not None:
+            fd, f.fd = f.fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _fail(self, f: _CastFile, exc: BaseException) -> None:
+        f.failed = True
+        f.pending.clear()
+        self._drop_fd(f)
+        self.failures.append((f.session_id, exc))
+        self.failures_total += 1
+
+    def write(self, batch: list[CastRecord]) -> None:
+        """Encode and append a batch; per-file errors fail only that recording."""
+        touched: dict[str, _CastFile] = {}
+        for rec in batch:
+            f = self.files.get(rec.session_id)
+            kind = rec.kind
+            if kind == "h":
+                assert rec.header is not None
+                f = _CastFile(rec.session_id, cast_path(self.directory, rec.session_id),
+                              CastEncoder(rec.header))
+                self.files[rec.session_id] = f
+                f.pending.append(f.encoder.header_line())
+            elif f is None:
+                self.discarded += 1  # a session whose header never arrived: a bug upstream
+                continue
+            elif f.failed:
+                if kind == "c":
+                    del self.files[rec.session_id]
+                    self.finished.append(rec.session_id)
+                else:
+                    self.discarded += 1
+                continue
+            elif kind == "o":
+                line = f.encoder.output(rec.t, rec.data)
+                if line:
+                    f.pending.append(line)
+            elif kind == "i":
+                line = f.encoder.input(rec.t, rec.data)
+                if line:
+                    f.pending.append(line)
+            elif kind == "r":
+                cols, _, rows = rec.data.partition(b"x")
+                f.pending.append(f.encoder.resize(rec.t, int(cols), int(rows)))
+            elif kind == "c":
+                tail = f.encoder.finish(rec.t)
+                if tail:
+                    f.pending.append(tail)
+                f.closing = True
+            touched[rec.session_id] = f
+        for f in touched.values():
+            if f.failed:
+                continue
+            try:
+                if f.pending:
+                    data = b"".join(f.pending)
+                    f.pending.clear()
+                    _write_all(self._fd(f), data)
+                    self.bytes_written += len(data)
+                if f.closing:
+                    if f.fd is not None and self.fsync_on_close:
+                        os.fsync(f.fd)
+                    self._drop_fd(f)
+                    del self.files[f.session_id]
+                    self.finished.append(f.session_id)
+                    self.finished_total += 1
+            except OSError as exc:
+                self._fail(f, exc)
+
+    def close_all(self) -> None:
+        """At shutdown: finish every recording still open (carried bytes, fsync, close)."""
+        for f in list(self.files.values()):
+            try:
+                if not f.failed:
+                    data = b"".join(f.pending) + f.encoder.finish(f.encoder.last_time)
+                    f.pending.clear()
+                    if data:
+                        _write_all(self._fd(f), data)
+                        self.bytes_written += len(data)
+                    if f.fd is not None and self.fsync_on_close:
+                        os.fsync(f.fd)
+            except OSError as exc:
+                log.error("recording.close.failed %s: %s", f.path, exc)
+            finally:
+                self._drop_fd(f)
+        self.files.clear()
+
+
+class RecordingWriter:
+    """Writes every session's recording; start it with ``await nursery.start(writer.run)``.
+
+    Args:
+        directory: where ``<session id>.cast`` files go (created 0700 if missing).
+        record_input: recorders made by :meth:`open_recorder` also record input.
+        capacity_bytes: the buffer bound, in bytes of pending data.
+        policy: the full policy (``block`` or ``fail-closed``, as audit's).
+        high_water: ``fail-closed`` refuses new sessions above this many bytes
+            (default: three quarters of the capacity).
+        max_batch_bytes, flush_interval_s, close_timeout_s: the batcher's.
+        max_open_files: descriptors held at most.
+        fsync_on_close: fsync each recording when its session ends.
+        clock: the recorders' default clock.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, record_input: bool = False,
+                 capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
+                 policy: FullPolicy | str = FullPolicy.BLOCK, high_water: int | None = None,
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+                 close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES, fsync_on_close: bool = True,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files={max_open_files} must be at least 1")
+        self.directory = Path(directory)
+        self.record_input = record_input
+        self.close_timeout_s = close_timeout_s
+        self._clock = clock
+        self._files = _Files(self.directory, max_open=max_open_files,
+                             fsync_on_close=fsync_on_close, mode=0o600)
+        self._recorders: dict[str, Recorder] = {}
+        self._batcher: Batcher[CastRecord] = Batcher(
+            self._files.write, name="recording", capacity=capacity_bytes, policy=policy,
+            high_water=high_water, max_batch=max_batch_bytes, flush_interval_s=flush_interval_s,
+            weight=record_weight, close_timeout_s=close_timeout_s,
+            after_write=self._after_write)
+
+    @classmethod
+    def from_config(cls, directory: str | None, *, record_input: bool = False,
+                    full_policy: str = "block") -> RecordingWriter | None:
+        """``from_config(cfg.recording.dir, record_input=cfg.recording.record_input,
+        full_policy=cfg.audit.full_policy)``; None when recording is off (no dir)."""
+        if directory is None:
+            return None
+        return cls(directory, record_input=record_input, policy=full_policy)
+
+    def __repr__(self) -> str:
+        return f"<RecordingWriter {self.directory} recorders={len(self._recorders)} " \
+               f"{self._batcher!r}>"
+
+    @property
+    def batcher(self) -> Batcher[CastRecord]:
+        """The underlying batcher (statistics, tests)."""
+        return self._batcher
+
+    def path_for(self, session_id: str) -> Path:
+        """Where a session's recording is (or will be) written."""
+        return cast_path(self.directory, session_id)
+
+    def _after_write(self) -> None:
+        files = self._files
+        failures, files.failures = files.failures, []
+        for session_id, exc in failures:
+            log.error("recording.write.failed %s: %s", session_id, exc)
+            recorder = self._recorders.get(session_id)
+            if recorder is not None:
+                recorder.fail(exc)
+        finished, files.finished = files.finished, []
+        for session_id in finished:
+            self._recorders.pop(session_id, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Create the directory, then write until cancelled or :meth:`aclose`.
+
+        Resource handling: on the way out the batcher flushes (bounded), then
+        every recording still open is finished and closed, shielded and bounded.
+
+        Raises:
+            OSError: the directory cannot be created (before ``started``).
+        """
+        await trio.to_thread.run_sync(self._make_directory)
+        try:
+            await self._batcher.run(task_status=task_status)
+        finally:
+            with trio.move_on_after(self.close_timeout_s, shield=True):
+                await trio.to_thread.run_sync(self._files.close_all,
+                                              limiter=self._batcher.limiter)
+            for recorder in self._recorders.values():
+                if not recorder.is_closed and not recorder.is_failed:
+                    log.info("recording.close %s at shutdown", recorder.session_id)
+            self._recorders.clear()
+
+    def _make_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def is_accepting(self) -> bool:
+        """May a new session start (``fail-closed`` says no while the writer is behind)?"""
+        return self._batcher.is_accepting()
+
+    def check_accepting(self) -> None:
+        """Raise :class:`~podterm.batcher.BufferFull` (503) unless :meth:`is_accepting`."""
+        self._batcher.check_accepting()
+
+    async def open_recorder(self, session_id: str, cols: int, rows: int, *,
+                            clock: Callable[[], float] | None = None,
+                            timestamp: float | None = None,
+                            env: Mapping[str, str] | None = None, title: str | None = None,
+                            command: str | None = None,
+                            record_input: bool | None = None) -> Recorder:
+        """Start a session's recording: the header is buffered when this returns.
+
+        Args:
+            session_id: names the file ``<id>.cast``.
+            cols, rows: the starting terminal size.
+            clock: the recorder's clock (default: the writer's).
+            timestamp: wall-clock start, Unix seconds (default now).
+            env: ``SHELL`` and ``TERM`` as the session sees them.
+            title: e.g. ``"alice@prod/web-0"``.
+            command: the command, for a non-interactive session.
+            record_input: override the writer's ``record_input``.
+
+        Raises:
+            ValueError: the session id cannot name a file, or it is recording already.
+            trio.ClosedResourceError: the writer has stopped.
+        """
+        path = self.path_for(session_id)
+        if session_id in self._recorders:
+            raise ValueError(f"session {session_id!r} is being recorded already")
+        recorder = Recorder(session_id, cols, rows, clock or self._clock,
+                            batcher=self._batcher,
+                            record_input=self.record_input if record_input is None
+                            else record_input, path=path)
+        header = recorder.header(
+            timestamp=int(time.time() if timestamp is None else timestamp),
+            env=dict(env) if env else None, title=title, command=command)
+        self._recorders[session_id] = recorder
+        try:
+            await self._batcher.submit(header)
+        except BaseException:
+            del self._recorders[session_id]
+            raise
+        return recorder
+
+    async def wait_flushed(self) -> None:
+        """Wait until every record submitted so far is written."""
+        await self._batcher.wait_flushed()
+
+    async def aclose(self) -> None:
+        """Stop taking records, flush and close every file (bounded)."""
+        await self._batcher.aclose()
+
+    def statistics(self) -> RecordingWriterStatistics:
+        files = self._files
+        return RecordingWriterStatistics(
+            batcher=self._batcher.statistics(), recorders=len(self._recorders),
+            files_open=len(files.lru), files_created=files.created,
+            files_finished=files.finished_total, failures=files.failures_total,
+            discarded_records=files.discarded, bytes_written=files.bytes_written)
