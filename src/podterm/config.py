@@ -65,7 +65,7 @@ __all__ = [
     "DEFAULT_PORT", "DEFAULT_SERVER", "UPSTREAM_KINDS", "LOG_FORMATS", "LOG_LEVELS",
     "GC_PROFILES", "AUDIT_FULL_POLICIES", "OUTPUT_FORMATS", "STORE_SCHEMES",
     "load_serve_config", "load_agent_config", "load_client_options",
-    "client_config_path", "parse_size", "parse_target",
+    "client_config_path", "default_recordings_dir", "parse_size", "parse_target",
 ]
 
 KiB = 1024
@@ -101,7 +101,11 @@ class ListenConfig:
     port: int = DEFAULT_PORT  # 0 picks a free port (tests, --ready-file tells which)
     #: Expect a PROXY protocol v1/v2 header on every connection (L4 load balancers).
     proxy_protocol: bool = False
-    #: CIDRs whose PROXY headers / forwarded addresses are believed; () = any peer.
+    #: CIDRs of the proxies in front of the gateway.  A PROXY header (with
+    #: proxy_protocol on) is believed from a peer inside them, and from *any*
+    #: peer when this is empty (the listener requires the header, so only the
+    #: balancer can reach it).  X-Forwarded-For is believed only from inside
+    #: them: empty = from no one, so a client can never spoof its address by default.
     trusted_proxies: tuple[str, ...] = ()
 
 
@@ -214,7 +218,13 @@ class AuditConfig:
 
 @dataclass(frozen=True, slots=True)
 class RecordingConfig:
-    """asciicast v2 recordings, one file per session; ``dir=None`` = off."""
+    """asciicast v2 recordings, one file per session; ``dir=None`` = off.
+
+    :func:`load_serve_config` turns recording *on* by default (issue 6:
+    "recording on by default"): ``dir`` defaults to
+    :func:`default_recordings_dir`; ``--recordings off`` turns it off.  A
+    ``RecordingConfig()`` built directly (embedding, tests) records nothing.
+    """
 
     dir: str | None = None
     #: Off by default, as asciinema's --stdin: input includes passwords typed at
@@ -417,6 +427,31 @@ def _path(value: object, src: _Source) -> object:
     if src.base_dir is not None and not os.path.isabs(text):
         return str(src.base_dir / text)
     return text
+
+
+def _recordings_dir(value: object, src: _Source) -> object:
+    """A recordings directory, or ``off`` (TOML: ``false``) for no recordings (None)."""
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return _path(value, src)
+
+
+def default_recordings_dir(env: Mapping[str, str]) -> str | None:
+    """Where recordings go when nothing says: the user's state directory.
+
+    ``$XDG_STATE_HOME/podterm/recordings`` (the XDG base directory spec's
+    place for state that should persist, such as logs and history), else
+    ``$HOME/.local/state/podterm/recordings``; None when neither is set (then
+    recording is off unless ``--recordings`` names a directory).  The gateway
+    creates it ``0700`` and each file ``0600``.
+    """
+    state = env.get("XDG_STATE_HOME", "")
+    if state and os.path.isabs(state):  # the spec: relative values are ignored
+        return str(Path(state) / "podterm" / "recordings")
+    home = env.get("HOME", "")
+    if home and os.path.isabs(home):
+        return str(Path(home) / ".local" / "state" / "podterm" / "recordings")
+    return None
 
 
 def _bool(value: object, src: _Source) -> object:
@@ -739,7 +774,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
        "expect a PROXY protocol v1/v2 header on every connection",
        table="listen.proxy-protocol", is_bool=True),
     _s("trusted-proxies", "listen.trusted_proxies", _cidrs,
-       "CIDRs whose PROXY headers are believed (default: any peer)", metavar="CIDR,...",
+       "CIDRs of trusted proxies: PROXY headers are believed from them (default: any "
+       "peer), X-Forwarded-For only from them (default: no one)", metavar="CIDR,...",
        table="listen.trusted-proxies"),
     _s("tls-cert", "tls.cert_file", _path, "serve HTTPS/WSS with this certificate (PEM)",
        metavar="FILE", table="tls.cert"),
@@ -808,12 +844,13 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
     _s("audit-buffer-records", "audit.buffer_records", _int(64, 10_000_000),
        "audit records buffered before the full policy applies (default 16384)", flag=False,
        table="audit.buffer-records"),
-    _s("recordings", "recording.dir", _path,
-       "write an asciicast v2 recording per session into DIR", metavar="DIR",
-       table="recording.dir"),
+    _s("recordings", "recording.dir", _recordings_dir,
+       "write an asciicast v2 recording per session into DIR, or off (default "
+       "$XDG_STATE_HOME/podterm/recordings, else ~/.local/state/podterm/recordings)",
+       metavar="DIR|off", table="recording.dir"),
     _s("record-input", "recording.record_input", _bool,
-       "also record input (default false: input holds unechoed passwords)", flag=False,
-       table="recording.record-input"),
+       "also record input (default false: input holds unechoed passwords)",
+       table="recording.record-input", is_bool=True),
     _s("upstream", "upstream.kind", _choice(*UPSTREAM_KINDS),
        "default upstream for sessions that do not name one (default local)",
        metavar="local|kube|agent", table="upstream.kind"),
@@ -1071,8 +1108,9 @@ def load_serve_config(flags: _Flags | None, env: Mapping[str, str],
             ``"tls_cert"``) to a raw value; a mapping with an unknown key is an
             error.  Values may be strings as typed, or already typed (bool, int).
         env: the process environment (the CLI passes ``os.environ``).  Besides
-            ``PODTERM_*`` it supplies defaults: ``SHELL`` (local shell) and
-            ``KUBECONFIG`` when it names one file.
+            ``PODTERM_*`` it supplies defaults: ``SHELL`` (local shell),
+            ``KUBECONFIG`` when it names one file, and ``XDG_STATE_HOME`` or
+            ``HOME`` for the recordings directory (:func:`default_recordings_dir`).
         file_path: the TOML file; when None, ``--config`` in ``flags``, then
             ``PODTERM_CONFIG``; no file when none of them names one.
 
@@ -1093,6 +1131,10 @@ def load_serve_config(flags: _Flags | None, env: Mapping[str, str],
     kubeconfig_env = env.get("KUBECONFIG", "")
     if kubeconfig_env and os.pathsep not in kubeconfig_env:
         defaults["upstream.kubeconfig"] = (kubeconfig_env, _Source("default"))
+    # Recording is on by default (issue 6), into the user's state directory.
+    recordings = default_recordings_dir(env)
+    if recordings is not None:
+        defaults["recording.dir"] = (recordings, _Source("default"))
     merged = _resolve(settings, flags, env, _config_path(flags, env, file_path), defaults)
 
     # Workers: one per usable core, except that memory:// lives in one process,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.helpers.cutproxy import CutProxyThread
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,10 @@
 
 ``make_gateway(**overrides)`` starts one with other settings: ``sessions=``,
 ``limits=``, ``token_file=``, ``session_limits=`` (a SessionLimits, e.g. a
-short heartbeat).  Every gateway is shut down at the end of its test and the
+short heartbeat), ``options=`` (a dict of further GatewayOptions fields).
+Unless told otherwise, every gateway writes its audit log and its session
+recordings into the test's temporary directory (recording is on by default in
+``podterm serve``; here it never touches the real home directory).  Every gateway is shut down at the end of its test and the
 test fails if its sessions did not all end.
 """
 
@@ -25,7 +28,13 @@ import h11
 import pytest
 import trio
 
-from podterm.config import ListenConfig, ServeConfig, SessionsConfig
+from podterm.config import (
+    AuditConfig,
+    ListenConfig,
+    RecordingConfig,
+    ServeConfig,
+    SessionsConfig,
+)
 from podterm.gateway.server import Gateway, GatewayOptions, serve
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream, connect
 from podterm.protocol.events import Ack, Exit, Gap, Hello, Stderr, Stdout
@@ -266,22 +275,29 @@ GatewayFactory = Callable[..., Awaitable[GatewayUnderTest]]
 
 
 @pytest.fixture
-async def make_gateway(nursery: trio.Nursery) -> AsyncIterator[GatewayFactory]:
+async def make_gateway(nursery: trio.Nursery,
+                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayFactory]:
     """Start gateways on 127.0.0.1:0; each is drained and checked at the end of the test."""
     started: list[GatewayUnderTest] = []
 
     async def factory(*, sessions: SessionsConfig | None = None,
                       session_limits: SessionLimits | None = None,
+                      options: dict[str, Any] | None = None,
                       **config_fields: Any) -> GatewayUnderTest:
+        if "audit" not in config_fields or "recording" not in config_fields:
+            where = tmp_path_factory.mktemp("gateway")
+            config_fields.setdefault("audit", AuditConfig(log_file=str(where / "audit.log")))
+            config_fields.setdefault("recording", RecordingConfig(dir=str(where / "rec")))
         config = ServeConfig(listen=ListenConfig(host="127.0.0.1", port=0),
                              sessions=sessions or SessionsConfig(drain_timeout_s=5.0),
                              **config_fields)
-        options = GatewayOptions(session_limits=session_limits, lag_probe_interval_s=0.5)
+        gateway_options = GatewayOptions(session_limits=session_limits,
+                                         lag_probe_interval_s=0.5, **(options or {}))
         holder: list[GatewayUnderTest] = []
 
         async def run(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
             try:
-                await serve(config, options=options, task_status=task_status)
+                await serve(config, options=gateway_options, task_status=task_status)
             finally:
                 if holder:
                     holder[0].finished.set()

@@ -81,6 +81,7 @@ async def test_thousand_concurrent_sessions(make_gateway: GatewayFactory) -> Non
     try:
         gateway = await make_gateway(limits=LimitsConfig(
             max_sessions=SESSIONS + 10, max_sessions_per_user=0, max_connections_per_ip=0))
+        await gateway.gw.audit.wait_flushed()  # the audit log is open (for good) by now
         baseline = _open_fds()
         limiter = trio.CapacityLimiter(CREATE_CONCURRENCY)
         created_all, attached, echoed = (_Barrier(SESSIONS), _Barrier(SESSIONS),
@@ -102,6 +103,9 @@ async def test_thousand_concurrent_sessions(make_gateway: GatewayFactory) -> Non
             for session in gateway.registry.sessions():
                 await session.wait_closed()
             assert len(gateway.registry) == 0
+            # Every recording is finished (its file closed) once the writer caught up.
+            await gateway.gw.recordings.wait_flushed()
+            await gateway.gw.audit.wait_flushed()
             await trio.testing.wait_all_tasks_blocked()
         counters = gateway.gw.counters.snapshot()
         assert counters.sessions_created == SESSIONS

@@ -375,3 +375,80 @@ def test_garbage_gives_events_or_violations_only(messages: list[tuple[int, bytes
                 assert exc.close_code in (1002, 1003, 1007, 1008, 1009)
                 break
             assert len(events) <= 1
+
+
+# --- stdin_eof (client → server CONTROL) and hello.stdin_closed -----------------------------
+
+
+def test_stdin_eof_exact_bytes_and_round_trip() -> None:
+    from podterm.protocol.events import StdinEof
+
+    assert joined(ClientCodec.stdin_eof(12)) == b'\x06{"type":"stdin_eof","offset":12}'
+    assert joined(ClientCodec().send(StdinEof(0))) == b'\x06{"type":"stdin_eof","offset":0}'
+    top = (1 << 64) - 1
+    assert ServerCodec().receive_message(BIN, joined(ClientCodec.stdin_eof(top))) == [
+        StdinEof(top)]
+
+
+@pytest.mark.parametrize("obj", [
+    {"type": "stdin_eof"}, {"type": "stdin_eof", "offset": -1},
+    {"type": "stdin_eof", "offset": 1 << 64}, {"type": "stdin_eof", "offset": "3"},
+    {"type": "stdin_eof", "offset": True}, {"type": "stdin_eof", "offset": 1.5},
+    {"type": "stdin_eof", "offset": None},
+])
+def test_stdin_eof_schema_rejected(obj: dict[str, object]) -> None:
+    assert code_of(ServerCodec(), control(obj)) == CloseCode.INVALID_PAYLOAD
+
+
+def test_stdin_eof_from_a_viewer_is_a_policy_violation() -> None:
+    assert code_of(ServerCodec(read_only=True), control({"type": "stdin_eof", "offset": 0})) \
+        == CloseCode.POLICY_VIOLATION
+    # Schema first (rule 9), then the viewer policy.
+    assert code_of(ServerCodec(read_only=True), control({"type": "stdin_eof"})) \
+        == CloseCode.INVALID_PAYLOAD
+
+
+def test_stdin_eof_is_client_to_server_only() -> None:
+    from podterm.protocol.events import StdinEof
+
+    assert code_of(client(), control({"type": "stdin_eof", "offset": 1})) \
+        == CloseCode.UNSUPPORTED_DATA
+    with pytest.raises(LocalProtocolError):
+        ServerCodec().send(StdinEof(1))
+    with pytest.raises(LocalProtocolError):
+        ClientCodec.stdin_eof(-1)
+
+
+def test_hello_stdin_closed_only_on_the_wire_when_true() -> None:
+    import dataclasses
+
+    closed = dataclasses.replace(HELLO, stdin_closed=True)
+    body = joined(ServerCodec.hello(closed))[1:]
+    assert body.endswith(b'"notices":["context restored"],"stdin_closed":true}')
+    assert b"stdin_closed" not in joined(ServerCodec.hello(HELLO))
+    assert ClientCodec().receive_message(BIN, b"\x06" + body) == [closed]
+    # Absent (an older server) reads as false.
+    got = ClientCodec().receive_message(BIN, control(hello_obj()))[0]
+    assert isinstance(got, Hello) and got.stdin_closed is False
+    got = ClientCodec().receive_message(BIN, control(hello_obj(stdin_closed=False)))[0]
+    assert isinstance(got, Hello) and got.stdin_closed is False
+
+
+@pytest.mark.parametrize("value", [1, "true", None, [True]])
+def test_hello_stdin_closed_must_be_a_boolean(value: object) -> None:
+    assert code_of(ClientCodec(), control(hello_obj(stdin_closed=value))) \
+        == CloseCode.INVALID_PAYLOAD
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(client_events, offsets.map(lambda o: _stdin_eof(o))), max_size=20))
+def test_client_to_server_round_trip_with_stdin_eof(events: list[Event]) -> None:
+    server = ServerCodec()
+    got = [e for ev in events for e in server.receive_message(BIN, joined(ClientCodec().send(ev)))]
+    assert got == events
+
+
+def _stdin_eof(offset: int) -> Event:
+    from podterm.protocol.events import StdinEof
+
+    return StdinEof(offset)

@@ -7,7 +7,10 @@ and calls one of the ``run_*`` functions here; each returns the exit status
 the remote command's own status (128+N when killed by signal N).
 
 ``exec`` follows kubectl: ``-i`` forwards stdin, ``-t`` asks for a terminal;
-with no command it is an interactive shell (``-i -t`` implied).  A terminal
+with no command it is an interactive shell (``-i -t`` implied).  Without a
+terminal, the end of the local stdin ends the remote command's stdin
+(``stdin_eof``, as kubectl's v5 close), so ``echo x | podterm exec -i POD --
+cat`` finishes.  A terminal
 is only used when stdin is one: ``-t`` with piped input prints kubectl's
 warning and runs without.  In a terminal session the local tty is in raw mode
 (every key, ^C included, goes to the remote side) and restored on every exit
@@ -116,7 +119,8 @@ async def _exec(opts: ClientOptions) -> int:
     session_id = str(created["id"])
     token = created.get("resume_token")
     return await _run_session(api, session_id, mode="rw", resume_token=token,
-                              read_stdin=opts.stdin, tty=tty, kill_on_interrupt=True)
+                              read_stdin=opts.stdin, tty=tty, kill_on_interrupt=True,
+                              eof_closes_stdin=not tty)
 
 
 async def _attach(opts: ClientOptions, mode: Literal["rw", "ro"]) -> int:
@@ -124,14 +128,21 @@ async def _attach(opts: ClientOptions, mode: Literal["rw", "ro"]) -> int:
     assert opts.session_id is not None, "cli.py checks the ID"
     info = await api.get_session(opts.session_id)
     tty = bool(info.get("tty")) and _stdin_is_tty()
+    # The end of our stdin ends the remote one only for a session without a
+    # terminal (kubectl attach -i); a terminal session's shell is never sent EOF.
     return await _run_session(api, opts.session_id, mode=mode, resume_token=None,
-                              read_stdin=mode == "rw", tty=tty, kill_on_interrupt=False)
+                              read_stdin=mode == "rw", tty=tty, kill_on_interrupt=False,
+                              eof_closes_stdin=mode == "rw" and not info.get("tty"))
 
 
 async def _run_session(api: ApiClient, session_id: str, *, mode: Literal["rw", "ro"],
                        resume_token: str | None, read_stdin: bool, tty: bool,
-                       kill_on_interrupt: bool) -> int:
-    """Attach, pump the terminal both ways until the session ends; return the exit status."""
+                       kill_on_interrupt: bool, eof_closes_stdin: bool = False) -> int:
+    """Attach, pump the terminal both ways until the session ends; return the exit status.
+
+    With ``eof_closes_stdin`` (a session without a terminal), the end of the
+    local stdin closes the session's stdin; otherwise reading just stops.
+    """
     end: SessionEnd | None = None
     stopped_by: int | None = None
     mid_line = False
@@ -186,7 +197,8 @@ async def _run_session(api: ApiClient, session_id: str, *, mode: Literal["rw", "
                         await nursery.start(term.watch_resize, _resizer(session))
                     if read_stdin:
                         nursery.start_soon(_pump_stdin, term, session,
-                                           detach if tty and mode == "rw" else None)
+                                           detach if tty and mode == "rw" else None,
+                                           eof_closes_stdin)
                     end = await session.run()
                     nursery.cancel_scope.cancel()
                 if end is None:
@@ -236,14 +248,20 @@ def _resizer(session: ResumableSession) -> Callable[[int, int], Awaitable[None]]
 
 
 async def _pump_stdin(term: Terminal, session: ResumableSession,
-                      on_detach: Callable[[], None] | None) -> None:
-    """Forward typed input; with ``on_detach``, ``~.`` at a line start calls it (ssh's escape)."""
+                      on_detach: Callable[[], None] | None,
+                      eof_closes_stdin: bool = False) -> None:
+    """Forward typed input; with ``on_detach``, ``~.`` at a line start calls it (ssh's escape).
+
+    At the end of the local stdin, ``eof_closes_stdin`` ends the session's
+    stdin after the last byte (``stdin_eof``); otherwise reading just stops
+    and the session goes on.
+    """
     escapes = EscapeScanner() if on_detach is not None else None
     while True:
         data = await term.read_stdin_some()
         if not data:
-            # podterm.v1 has no "stdin closed" message: stop reading, keep the
-            # session (the remote side sees no EOF; see docs/cli.md).
+            if eof_closes_stdin:
+                session.close_stdin_nowait()
             return
         if escapes is not None and on_detach is not None:
             data, detach = escapes.feed(data)

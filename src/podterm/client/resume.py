@@ -29,7 +29,10 @@ Exactly once, input: :meth:`ResumableSession.send_stdin` appends to an
 docs/protocol.md §5.3 asks).  After each ``hello`` the log releases what the
 gateway accepted (``in_acked``) and the writer re-sends the rest from there;
 the gateway drops nothing and applies nothing twice because it knows every
-byte's offset.
+byte's offset.  The end of input is a position in that log too:
+:meth:`ResumableSession.close_stdin_nowait` records it, and the writer sends
+``stdin_eof`` right after the last byte, on every link, until a ``hello``
+says ``stdin_closed`` (the gateway ignores a repeat).
 
 The writer slot: a ``rw`` attach presents the latest resume token, so a
 resumed connection takes over from a half-open old one (4409 for the old).
@@ -66,6 +69,7 @@ from podterm.protocol.events import (
     Gap,
     Hello,
     Stderr,
+    StdinEof,
     Stdout,
 )
 from podterm.protocol.offsets import DEFAULT_WINDOW, AckScheduler, AckWindow, InputLog
@@ -303,6 +307,7 @@ class _Link:
     expect_gap: tuple[int, int] | None = None  # (from, to) announced by hello
     error: ErrorMsg | None = None
     detach_sent: bool = False
+    eof_sent: bool = False  # stdin_eof sent on this link
     exit: Exit | None = None
     hb_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -372,6 +377,8 @@ class ResumableSession:
         self.out_offset = 0  # next output byte expected; everything before was delivered
         self._log = InputLog(0, limit=input_limit)
         self._log_space = trio.lowlevel.ParkingLot()  # send_stdin waits here when the log is full
+        self._eof_at: int | None = None  # input offset of our stdin's end (close_stdin_nowait)
+        self._eof_applied = False  # a hello said stdin_closed: stdin_eof is not sent again
         self._size: tuple[int, int] | None = None
         self._wake = trio.Event()  # the writer's wake-up; replaced each round
         self._link: _Link | None = None
@@ -418,10 +425,13 @@ class ResumableSession:
         ended the data is dropped.
 
         Raises:
-            LocalProtocolError: a read-only session.
+            LocalProtocolError: a read-only session, or stdin was closed
+                (:meth:`close_stdin_nowait`).
         """
         if self.mode != "rw":
             raise errors.LocalProtocolError("a read-only viewer cannot send input")
+        if self._eof_at is not None:
+            raise errors.LocalProtocolError("stdin was closed; no more input can be sent")
         view = memoryview(data)
         while view and not self._ended:
             space = self._log.space
@@ -440,6 +450,28 @@ class ResumableSession:
             return
         self._size = (min(cols, 10000), min(rows, 10000))
         self._wake.set()
+
+    def close_stdin_nowait(self) -> None:
+        """End the session's stdin after everything given to :meth:`send_stdin` so far.
+
+        The end is recorded at the current input offset (``in_offset``); the
+        writer sends ``stdin_eof`` right after the last input byte, and again
+        after every reconnect until a ``hello`` says ``stdin_closed``, so the
+        gateway applies it exactly once (docs/protocol.md §4).  Idempotent.
+
+        Raises:
+            LocalProtocolError: a read-only session.
+        """
+        if self.mode != "rw":
+            raise errors.LocalProtocolError("a read-only viewer has no stdin to close")
+        if self._eof_at is None:
+            self._eof_at = self._log.end
+            self._wake.set()
+
+    @property
+    def stdin_closed(self) -> bool:
+        """True once :meth:`close_stdin_nowait` was called."""
+        return self._eof_at is not None
 
     def detach_nowait(self) -> None:
         """Leave the session running: send ``detach``; :meth:`run` returns ``reason="detached"``."""
@@ -681,12 +713,16 @@ class ResumableSession:
                 # A client new to this session (``podterm attach``): its input
                 # starts where the session's does, with whatever was typed already.
                 typed = self._log.read(self._log.acked)
+                if self._eof_at is not None:  # same position, in the session's numbering
+                    self._eof_at += hello.in_acked - self._log.acked
                 self._log = InputLog(hello.in_acked, limit=self._log.limit)
                 self._log.append(typed)
             # Release what the gateway accepted; the writer re-sends the rest.
             self._log.replay_from(hello.in_acked)
             self._resent += max(0, self._sent_high - hello.in_acked)
             link.window = AckWindow(hello.window, start=hello.in_acked)
+            if hello.stdin_closed:
+                self._eof_applied = True  # the gateway has our EOF: never send it again
             self._log_space.unpark_all()
             link.sent_size = (hello.cols, hello.rows)
         link.hello = hello
@@ -756,6 +792,13 @@ class ResumableSession:
                     window.on_send(len(piece))
                     credit -= len(piece)
                 self._sent_high = max(self._sent_high, window.sent)
+                eof_at = self._eof_at
+                if (eof_at is not None and window.sent >= eof_at and not link.eof_sent
+                        and not self._eof_applied):
+                    # After the last input byte, in the same write: the gateway
+                    # applies it once it has accepted everything before it.
+                    out.append(_frame(conn, encode_control(StdinEof(eof_at))))
+                    link.eof_sent = True
                 if self._size is not None and self._size != link.sent_size:
                     link.sent_size = self._size
                     out.append(_frame(conn, encode_resize(*self._size)))

@@ -3,7 +3,9 @@
 * ``/healthz`` — 200 while the process serves requests at all (liveness).
 * ``/readyz`` — 200 while the gateway takes new sessions; 503 ``unavailable``
   once it drains, so a load balancer or Kubernetes stops sending new clients
-  before the attached ones are told to move (readiness).
+  before the attached ones are told to move (readiness); 503 too while a
+  SQLite or Redis session store is unreachable (new sessions are refused
+  then; attached ones carry on).
 * ``/metrics`` — Prometheus text, rendered from ``statistics()`` snapshots and
   the counters only (STYLE.md §7): sessions by state, attachments, attaches,
   resumes, bytes each way, replayed bytes, gaps, heartbeat failures,
@@ -103,16 +105,20 @@ class AdminApi:
         counters: the gateway's counters.
         lag: the event-loop lag probe, if one runs.
         is_draining: asked on every ``/readyz``.
+        unready: asked on every ``/readyz`` after ``is_draining``: why new
+            sessions cannot be taken right now (the store is down), or None.
     """
 
-    __slots__ = ("registry", "counters", "lag", "is_draining")
+    __slots__ = ("registry", "counters", "lag", "is_draining", "unready")
 
     def __init__(self, registry: SessionRegistry, counters: GatewayCounters,
-                 lag: LoopLagProbe | None, is_draining: Callable[[], bool]) -> None:
+                 lag: LoopLagProbe | None, is_draining: Callable[[], bool],
+                 unready: Callable[[], str | None] = lambda: None) -> None:
         self.registry = registry
         self.counters = counters
         self.lag = lag
         self.is_draining = is_draining
+        self.unready = unready
 
     def __repr__(self) -> str:
         return f"<AdminApi draining={self.is_draining()}>"
@@ -132,6 +138,9 @@ class AdminApi:
         if self.is_draining():
             return error_response(503, "draining: not taking new sessions",
                                   headers=(("Cache-Control", "no-store"),))
+        reason = self.unready()
+        if reason is not None:
+            return error_response(503, reason, headers=(("Cache-Control", "no-store"),))
         return json_response(200, {"status": "ready"}, headers=(("Cache-Control", "no-store"),))
 
     async def metrics(self, call: Call) -> Response:

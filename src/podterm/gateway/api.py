@@ -17,8 +17,9 @@ unless the caller is an admin.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from podterm.audit.events import Target
 from podterm.auth.identity import Identity
 from podterm.errors import BadRequestError, ForbiddenError
 from podterm.gateway.http import Response, json_response
@@ -26,6 +27,9 @@ from podterm.gateway.router import Call, Route
 from podterm.session.registry import SessionRegistry
 from podterm.session.session import Session, SessionState
 from podterm.upstream.base import StreamSpec
+
+if TYPE_CHECKING:
+    from podterm.gateway.auditor import Auditor
 
 __all__ = ["SessionsApi", "session_json", "validate_create"]
 
@@ -157,12 +161,17 @@ def _attach_path(session_id: str) -> str:
 
 
 class SessionsApi:
-    """The REST handlers; :meth:`routes` lists them for the router."""
+    """The REST handlers; :meth:`routes` lists them for the router.
 
-    __slots__ = ("registry",)
+    ``auditor`` (optional) writes the ``admin.action`` of a DELETE (the
+    session events themselves come from the registry and the session).
+    """
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    __slots__ = ("registry", "auditor")
+
+    def __init__(self, registry: SessionRegistry, *, auditor: Auditor | None = None) -> None:
         self.registry = registry
+        self.auditor = auditor
 
     def __repr__(self) -> str:
         return f"<SessionsApi {self.registry!r}>"
@@ -214,4 +223,11 @@ class SessionsApi:
         """``DELETE /api/v1/sessions/{id}``: kill it, answer with the session (now closed)."""
         session = self.registry.get_for(call.params["id"], self._identity(call))
         await self.registry.kill(session, "killed")
+        if self.auditor is not None:
+            spec = session.spec
+            await self.auditor.admin_action(
+                "kill", reason=f"DELETE /api/v1/sessions/{session.id}",
+                target=Target(namespace=spec.namespace or None, pod=spec.pod or None,
+                              container=spec.container or None, session=session.id),
+                outcome="success" if session.is_closed else "error")
         return json_response(200, session_json(session), headers=(("Cache-Control", "no-store"),))

@@ -15,7 +15,9 @@ life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules
 * the **receiver** reads a batch (every message of one socket read), decodes
   each with :class:`~podterm.protocol.session_proto.ServerCodec` and applies
   it to the session: STDIN into the session's input buffer (waiting while it
-  is full: back-pressure on the socket), ACK as credit, RESIZE, ``detach``;
+  is full: back-pressure on the socket), ``stdin_eof`` as the input's end
+  (:meth:`~podterm.session.session.Session.close_input_at`), ACK as credit,
+  RESIZE, ``detach``;
 * the **sender** parks until the session or the receiver wakes it, then sends
   *everything* due in one write: queued notices (``hello``, ``gap``,
   ``drain``, ``error``), the input ACK, output up to the link's credit (STDOUT
@@ -33,9 +35,11 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
+from podterm.audit.events import Target
 from podterm.errors import (
     BadRequestError,
     CloseCode,
@@ -47,7 +51,7 @@ from podterm.gateway.http import Upgraded, error_code
 from podterm.gateway.router import Call
 from podterm.metrics import GatewayCounters
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream, accept_on
-from podterm.protocol.events import Ack, Detach, ErrorMsg, Event, Gap, Resize, Stdin
+from podterm.protocol.events import Ack, Detach, ErrorMsg, Event, Gap, Resize, Stdin, StdinEof
 from podterm.protocol.handshake import extract_bearer_subprotocol, parse_upgrade
 from podterm.protocol.session_proto import (
     SERVER_CHUNK_BYTES,
@@ -63,6 +67,9 @@ from podterm.resilience.heartbeat import Heartbeat
 from podterm.session.attachment import Attachment, Mode
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
+
+if TYPE_CHECKING:
+    from podterm.gateway.auditor import Auditor
 
 __all__ = ["AttachHandler", "relay"]
 
@@ -105,17 +112,20 @@ class AttachHandler:
         ws_limits: frame and message bounds for the WebSocket.
         origin_ok: browser Origin check (None: every origin; bearer tokens,
             not cookies, authenticate, so a foreign page cannot ride on them).
+        auditor: audits refused attaches and protocol violations (None: not audited).
     """
 
-    __slots__ = ("registry", "counters", "ws_limits", "origin_ok")
+    __slots__ = ("registry", "counters", "ws_limits", "origin_ok", "auditor")
 
     def __init__(self, registry: SessionRegistry, counters: GatewayCounters, *,
                  ws_limits: WsLimits | None = None,
-                 origin_ok: Callable[[str | None], bool] | None = None) -> None:
+                 origin_ok: Callable[[str | None], bool] | None = None,
+                 auditor: Auditor | None = None) -> None:
         self.registry = registry
         self.counters = counters
         self.ws_limits = ws_limits or WsLimits()
         self.origin_ok = origin_ok
+        self.auditor = auditor
 
     def __repr__(self) -> str:
         return f"<AttachHandler {self.registry!r}>"
@@ -132,20 +142,34 @@ class AttachHandler:
         _, offered = extract_bearer_subprotocol(upgrade.subprotocols)
         if SUBPROTOCOL not in offered:
             raise HandshakeError(f"offer the WebSocket subprotocol {SUBPROTOCOL!r}", 400)
-        if self.registry.draining:
-            raise Unavailable("the gateway is draining; reconnect through the load balancer")
-        session = self.registry.get_for(call.params["id"], request.identity)
+        auditor = self.auditor
+        try:
+            if self.registry.draining:
+                raise Unavailable("the gateway is draining; reconnect through the load "
+                                  "balancer")
+            session = self.registry.get_for(call.params["id"], request.identity)
+        except PodtermError as exc:
+            if auditor is not None:
+                auditor.attach_refused(call.params["id"], mode, offset,
+                                       resuming=token is not None, exc=exc)
+            raise
+        headers = [("X-Request-Id", request.request_id)] if request.request_id else []
         try:
             ws = await accept_on(call.stream, call.conn, upgrade, SUBPROTOCOL,
-                                 limits=self.ws_limits,
+                                 extra_headers=headers, limits=self.ws_limits,
                                  close_timeout_s=session.limits.close_timeout_s)
         except HandshakeError as exc:
             # accept_on answered and closed the stream itself.
             GatewayCounters.bump(self.counters.handshake_failures, error_code(exc.http_status))
+            if auditor is not None:
+                await auditor.protocol_rejected(request, exc.message,
+                                                http_status=exc.http_status,
+                                                protocol=SUBPROTOCOL)
             return Upgraded(None)
         # The relay runs once the HTTP layer has let go of the request.
         return Upgraded(functools.partial(relay, ws, session, mode=mode, offset=offset,
-                                          resume_token=token, counters=self.counters))
+                                          resume_token=token, counters=self.counters,
+                                          auditor=auditor))
 
 
 async def _refuse(ws: WebSocketStream, exc: PodtermError, code: str) -> None:
@@ -160,8 +184,12 @@ async def _refuse(ws: WebSocketStream, exc: PodtermError, code: str) -> None:
 
 
 async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: int,
-                resume_token: str | None, counters: GatewayCounters) -> None:
+                resume_token: str | None, counters: GatewayCounters,
+                auditor: Auditor | None = None) -> None:
     """Attach ``ws`` to ``session`` and relay until the link ends.
+
+    With ``auditor``, a protocol violation that closes the link is a
+    ``protocol.reject`` (the attach and detach events come from the session).
 
     Resource handling: ``ws`` is closed before this returns; the attachment
     is removed from the session whatever happens.
@@ -176,7 +204,7 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     GatewayCounters.bump(counters.attaches, mode.value)
     if att.resumed:
         counters.resumes += 1
-    link = _Link(ws, att, counters)
+    link = _Link(ws, att, counters, auditor)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.receive_loop)
@@ -197,9 +225,12 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
 class _Link:
     """The two tasks of one attached connection (see the module docstring)."""
 
-    __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done")
+    __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
+                 "auditor")
 
-    def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters) -> None:
+    def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
+                 auditor: Auditor | None = None) -> None:
+        self.auditor = auditor
         self.ws = ws
         self.att = att
         self.session = att.session
@@ -241,6 +272,11 @@ class _Link:
                         elif type(event) is Resize:
                             if att is session.writer:
                                 session.resize(event.cols, event.rows)
+                        elif type(event) is StdinEof:
+                            # After every STDIN before it on this link was accepted
+                            # above; the session waits for the rest if it is short.
+                            if att is session.writer:
+                                session.close_input_at(event.offset)
                         elif type(event) is Detach:
                             att.request_close(CloseCode.NORMAL, "detached")
                         elif type(event) is ErrorMsg:
@@ -251,11 +287,20 @@ class _Link:
         except ProtocolViolation as exc:
             att.request_close(int(exc.close_code), exc.message[:100],
                               ErrorMsg("protocol_error", exc.message))
+            self._rejected(exc)
         except BadRequestError as exc:  # an ACK beyond what was sent
             att.request_close(int(exc.close_code), exc.message[:100],
                               ErrorMsg("bad_request", exc.message))
+            self._rejected(exc)
         except ConnectionClosed:
             att.mark_gone()
+
+    def _rejected(self, exc: PodtermError) -> None:
+        if self.auditor is not None:
+            self.auditor.protocol_rejected_nowait(
+                exc.message or type(exc).__name__, close_code=int(exc.close_code),
+                protocol=SUBPROTOCOL, path=f"/api/v1/sessions/{self.session.id}/attach",
+                target=Target(session=self.session.id))
 
     # ---------------------------------------------------------------- sender
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -41,6 +42,7 @@ import trio
 from podterm.auth.identity import Identity
 from podterm.errors import PodtermError
 from podterm.metrics import GatewayCounters
+from podterm.net.clientaddr import ClientAddress, ClientAddressPolicy, Via, resolve_request
 
 __all__ = [
     "ERROR_CODES",
@@ -51,6 +53,7 @@ __all__ = [
     "error_code",
     "error_response",
     "json_response",
+    "new_request_id",
     "serve_http",
 ]
 
@@ -127,9 +130,17 @@ class Request:
         headers: lower-case names to values; repeated headers joined by ``", "``.
         body: the whole body (empty for GET and for upgrades).
         h11_request: the request as h11 parsed it (for the upgrade helpers).
-        peer: the client's address, ``"host:port"``.
+        peer: ``str(client)``, for logs (``host:port``, or a bare address
+            when a forwarding header gave no port).
         is_upgrade: True when h11 saw ``Connection: upgrade`` + ``Upgrade``.
+        client: the client as the gateway believes it
+            (:mod:`podterm.net.clientaddr`): the socket peer, the PROXY
+            header's source, or a trusted proxy's forwarding header, with
+            ``via`` saying which.  Logs, audit ``source_addr`` and per-address
+            limits use it (limits key on ``client.ip``, never ``ip:port``).
         identity: set by the router once the request is authenticated.
+        request_id: the gateway's id for this request (``r-`` + 16 hex digits),
+            sent back in ``X-Request-Id`` and carried by its audit events.
     """
 
     method: str
@@ -141,7 +152,9 @@ class Request:
     h11_request: h11.Request
     peer: str
     is_upgrade: bool
+    client: ClientAddress
     identity: Identity | None = None
+    request_id: str = ""
 
     def json(self) -> Any:
         """The body parsed as JSON (an empty body is ``{}``).
@@ -225,7 +238,8 @@ def _response_for(exc: PodtermError) -> Response:
     return error_response(status, exc.message or type(exc).__name__, headers=extra)
 
 
-def _parse_request(event: h11.Request, peer: str) -> Request:
+def _parse_request(event: h11.Request, connection: ClientAddress,
+                   policy: ClientAddressPolicy) -> Request:
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1")
@@ -237,18 +251,32 @@ def _parse_request(event: h11.Request, peer: str) -> Request:
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         query.setdefault(k, v)
     upgrade = "upgrade" in headers and "upgrade" in headers.get("connection", "").lower()
+    # Per request: a trusted L7 proxy may carry many clients on one connection.
+    client = resolve_request(connection, headers, policy=policy)
     return Request(method=event.method.decode("ascii").upper(), target=target,
                    path=unquote(parts.path) or "/", query=query, headers=headers, body=b"",
-                   h11_request=event, peer=peer, is_upgrade=upgrade)
+                   h11_request=event, peer=str(client), is_upgrade=upgrade, client=client,
+                   request_id=new_request_id())
 
 
-def _peer_of(stream: trio.abc.Stream) -> str:
-    sock = getattr(stream, "socket", None)
+def new_request_id() -> str:
+    """A request id: 64 random bits, so ids from many gateways never collide."""
+    return "r-" + secrets.token_hex(8)
+
+
+#: No PROXY header, no trusted proxies: the socket peer is the client.
+_SOCKET_ONLY = ClientAddressPolicy()
+
+
+def _client_of(stream: trio.abc.Stream) -> ClientAddress:
+    """The socket peer of ``stream`` (or of the stream under a TLS one)."""
+    sock = getattr(stream, "socket", None) or getattr(
+        getattr(stream, "transport_stream", None), "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
     except OSError:
-        return "?"
-    return f"{host}:{port}"
+        host, port = "?", 0
+    return ClientAddress(str(host), int(port) or None, Via.SOCKET)
 
 
 class _ClientGone(Exception):
@@ -321,6 +349,8 @@ def _response_bytes(conn: h11.Connection, request: Request | None, response: Res
         headers += [("Content-Type", response.content_type),
                     ("Content-Length", str(len(response.body)))]
     headers.extend(response.headers)
+    if request is not None and request.request_id:
+        headers.append(("X-Request-Id", request.request_id))
     if close:
         headers.append(("Connection", "close"))
     out = conn.send(h11.Response(status_code=response.status, headers=headers))
@@ -338,7 +368,10 @@ def _reusable(conn: h11.Connection) -> bool:
 
 async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpLimits,
                      counters: GatewayCounters, keep_alive: Callable[[], bool] = lambda: True,
-                     peer: str | None = None) -> Upgraded | None:
+                     client: ClientAddress | None = None,
+                     client_policy: ClientAddressPolicy | None = None,
+                     on_protocol_error: Callable[[int, str], None] | None = None
+                     ) -> Upgraded | None:
     """Serve HTTP/1.1 on ``stream`` until the client leaves or a limit ends it.
 
     Args:
@@ -349,7 +382,12 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
         counters: where requests and error answers are counted.
         keep_alive: asked before each response; False answers with
             ``Connection: close`` (the gateway is draining).
-        peer: the client's address for logs; read from the socket when None.
+        client: the connection's client (socket peer or PROXY header,
+            ``clientaddr.resolve_connection``); the socket peer when None.
+        client_policy: whose forwarding headers refine ``client`` per
+            request (``Request.client``); none are believed when None.
+        on_protocol_error: called with the status and the reason when the
+            peer broke HTTP (the audit's ``protocol.reject``).
 
     Returns:
         The :class:`Upgraded` a handler returned (the caller runs it; the
@@ -358,7 +396,8 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
     Error handling: see the module docstring.  ``trio.Cancelled`` propagates.
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-    peer = peer or _peer_of(stream)
+    connection = client or _client_of(stream)
+    policy = client_policy or _SOCKET_ONLY
     served = 0
     upgraded: Upgraded | None = None
     try:
@@ -377,7 +416,7 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
                 return None
             served += 1
             counters.http_requests += 1
-            request = _parse_request(event, peer)
+            request = _parse_request(event, connection, policy)
             response: Response | Upgraded
             try:
                 # An upgrade GET has an empty body; reading to its end leaves
@@ -391,7 +430,8 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
             except h11.RemoteProtocolError:
                 raise
             except Exception:
-                log.exception("http.request.failed", extra={"peer": peer,
+                log.exception("http.request.failed", extra={"peer": request.peer,
+                                                            "via": request.client.via.value,
                                                             "method": request.method,
                                                             "path": request.path})
                 response = error_response(500, "internal error; see the gateway log")
@@ -413,6 +453,8 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = exc.error_status_hint or 400
             GatewayCounters.bump(counters.http_errors, error_code(status))
+            if on_protocol_error is not None:
+                on_protocol_error(status, f"bad HTTP request: {exc}")
             try:
                 await _send(stream, _response_bytes(
                     conn, None, error_response(status, f"bad HTTP request: {exc}"), True))

@@ -9,14 +9,30 @@ request it:
    ``Authorization`` header, or on a WebSocket upgrade the
    ``bearer.podterm.<b64url>`` subprotocol carrier (docs/protocol.md §1) —
    or, without a token over TLS, a verified client certificate (CN = user,
-   O = groups); then applies the interim authorization rule
-   (``podterm:admins`` only).  Failures
-   are 401/403 answered *before* any handler runs, so before any upgrade;
+   O = groups) -- through the :class:`~podterm.auth.chain.AuthenticatorChain`,
+   with the rate limiter's failed-login budget per source in front (429 with
+   ``Retry-After``); then asks the :class:`~podterm.auth.rbac.Authorizer`
+   about the route's verb and target (``resolve_target``; docs/rbac.md)
+   unless the route opts out with ``authorize=False`` (kubectl's discovery,
+   which kube-apiserver grants to every authenticated user; agent
+   registration, which checks its own group).  Without a policy only
+   ``podterm:admins`` may act.  Failures are 401/403/429 answered *before*
+   any handler runs, so before any upgrade;
 3. calls the handler with the request (``request.identity`` set), the path
    parameters, and the connection (stream and h11 state, for upgrades).
 
+A route may render its own errors (``render_error``): the Kubernetes API
+routes answer every failure, 401/403 included, as a Kubernetes ``Status``
+(``podterm.gateway.kubeapi``) instead of the podterm error body.
+
 Refused WebSocket upgrades are counted in ``handshake_failures`` by reason
 (the §2 error code), wherever in the chain they were refused.
+
+Audit (with an ``auditor``): every request starts its audit context (request
+id, source address); every authentication and authorization decision is an
+event (``auth.success``/``auth.failure``, ``authz.allow``/``authz.deny``),
+written before the answer goes out; a refused upgrade that broke the
+handshake is a ``protocol.reject``.
 """
 
 from __future__ import annotations
@@ -24,19 +40,41 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
-from podterm.auth.authn import TokenAuthenticator, authorize, bearer_from_headers
+from podterm.auth.authn import TokenAuthenticator, bearer_from_headers
+from podterm.auth.chain import (
+    AuthenticatorChain,
+    AuthFailure,
+    Credentials,
+    FailureReason,
+    StaticTokenAuthenticator,
+    X509Authenticator,
+)
 from podterm.auth.identity import Identity
-from podterm.errors import PodtermError
+from podterm.auth.rbac import Authorizer, Decision, Target
+from podterm.errors import BadRequestError, PodtermError, ProtocolViolation
 from podterm.gateway.http import Request, Response, Upgraded, error_code, error_response
 from podterm.metrics import GatewayCounters
 from podterm.net.tls import peer_identity
 from podterm.protocol.handshake import extract_bearer_subprotocol
+from podterm.resilience.ratelimit import RateLimiter, RateLimitExceeded
 
-__all__ = ["Call", "Route", "Router", "RouteHandler"]
+if TYPE_CHECKING:
+    from podterm.gateway.auditor import Auditor
+
+#: What the gateway answers for the chain's generic failures; every other
+#: reason (expired, bad signature, ...) keeps the authenticator's own message.
+_FAILURE_WORDING = {
+    FailureReason.MISSING: "missing bearer token: send 'Authorization: Bearer <token>' "
+                           "or a client certificate",
+    FailureReason.UNKNOWN_TOKEN: "invalid bearer token",
+}
+
+__all__ = ["Call", "ErrorRenderer", "Route", "Router", "RouteHandler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +95,10 @@ class Call:
 
 
 RouteHandler = Callable[[Call], Awaitable[Response | Upgraded]]
+#: The RBAC verb and target of an authenticated request (``identity`` is set).
+TargetResolver = Callable[[Request], tuple[str, Target]]
+#: Turns an error raised by authentication or the handler into the route's answer.
+ErrorRenderer = Callable[[PodtermError, Request], Response]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +112,9 @@ class Route:
         handler: the coroutine function to call.
         public: True skips authentication (health checks, metrics, the page).
         websocket: True for upgrade endpoints (refusals count as handshake failures).
+        authorize: False skips the authorization rule (authentication still runs).
+        render_error: answers errors itself (None: they propagate to
+            :func:`~podterm.gateway.http.serve_http`, which renders podterm's body).
     """
 
     methods: frozenset[str]
@@ -77,15 +122,19 @@ class Route:
     handler: RouteHandler
     public: bool = False
     websocket: bool = False
+    authorize: bool = True
+    render_error: ErrorRenderer | None = None
 
     @classmethod
     def make(cls, methods: str | Sequence[str], pattern: str, handler: RouteHandler, *,
-             public: bool = False, websocket: bool = False) -> Route:
+             public: bool = False, websocket: bool = False, authorize: bool = True,
+             render_error: ErrorRenderer | None = None) -> Route:
         """Build a route; ``pattern`` is compiled and anchored."""
         names = {methods} if isinstance(methods, str) else set(methods)
         if "GET" in names:
             names.add("HEAD")
-        return cls(frozenset(names), re.compile(pattern), handler, public, websocket)
+        return cls(frozenset(names), re.compile(pattern), handler, public, websocket,
+                   authorize, render_error)
 
 
 class Router:
@@ -95,41 +144,90 @@ class Router:
         routes: tried in order; the first whose pattern and method match wins.
         authenticator: maps bearer tokens to identities.
         counters: where handshake failures are counted.
+        auditor: where authentication, authorization and handshake refusals
+            are audited (None: not audited).
     """
 
-    __slots__ = ("routes", "authenticator", "counters")
+    __slots__ = ("routes", "authenticator", "counters", "auditor", "chain", "authorizer",
+                 "limiter", "resolve_target")
 
     def __init__(self, routes: Sequence[Route], *, authenticator: TokenAuthenticator,
-                 counters: GatewayCounters) -> None:
+                 counters: GatewayCounters, auditor: Auditor | None = None,
+                 chain: AuthenticatorChain | None = None, authorizer: Authorizer | None = None,
+                 limiter: RateLimiter | None = None,
+                 resolve_target: TargetResolver | None = None) -> None:
         self.routes = tuple(routes)
         self.authenticator = authenticator
         self.counters = counters
+        self.auditor = auditor
+        # Static tokens first, then a verified client certificate (only when no
+        # token was sent: an explicit token says who the caller means to be).
+        self.chain = chain or AuthenticatorChain([StaticTokenAuthenticator(authenticator),
+                                                  X509Authenticator()])
+        # No policy: the built-in rule (only podterm:admins may act).
+        self.authorizer = authorizer or Authorizer()
+        self.limiter = limiter
+        self.resolve_target = resolve_target
 
     def __repr__(self) -> str:
         return f"<Router routes={len(self.routes)}>"
 
-    def _authenticate(self, request: Request, stream: trio.abc.Stream) -> None:
+    async def _authenticate(self, request: Request, stream: trio.abc.Stream) -> Identity:
+        """Authenticate through the chain; 429 when the source spent its failure budget."""
+        limiter = self.limiter
+        source = request.client.ip if getattr(request, "client", None) is not None else None
+        if limiter is not None:
+            # Before looking at the credentials: no oracle for a guessing client.
+            limiter.check_auth(source, trio.current_time()).check()
         token = bearer_from_headers(request.headers)
         if token is None and request.is_upgrade:
             offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "")
                        .split(",") if p.strip()]
             token, _ = extract_bearer_subprotocol(offered)
-        identity: Identity | None = None
-        if token is None and isinstance(stream, trio.SSLStream):
-            # No bearer token: a verified client certificate (--client-ca) names
-            # the user (CN) and groups (O), as kube-apiserver's x509 authenticator.
+        peer: tuple[str, tuple[str, ...]] | None = None
+        if isinstance(stream, trio.SSLStream):
+            # A verified client certificate (--client-ca) names the user (CN)
+            # and groups (O), as kube-apiserver's x509 authenticator.
             found = peer_identity(stream)
             if found is not None:
-                identity = Identity(user=found[0], uid=found[0], groups=found[1],
-                                    method="x509")
-        if identity is None:
-            identity = self.authenticator.authenticate(token)
-        authorize(identity)
+                peer = (found[0], tuple(found[1]))
+        try:
+            identity = await self.chain.authenticate(Credentials(token=token, peer=peer))
+        except AuthFailure as exc:
+            if limiter is not None:
+                limiter.record_auth_failure(source, trio.current_time())
+            wording = _FAILURE_WORDING.get(exc.reason)
+            if wording is not None:  # the gateway's documented answers (docs/protocol.md §1)
+                raise AuthFailure(exc.reason, wording, method=exc.method) from None
+            raise
+        # Set before any later check: a 403 or 429 answer may name the user.
         request.identity = identity
+        if limiter is not None:
+            limiter.check_user_connect(identity.user, trio.current_time()).check()
+        return identity
+
+    def _verb_target(self, request: Request) -> tuple[str, Target]:
+        if self.resolve_target is not None:
+            return self.resolve_target(request)
+        return "admin", Target()
+
+    @staticmethod
+    async def _audit_decision(auditor: Auditor, verb: str, target: Target,
+                              decision: Decision) -> None:
+        details: dict[str, Any] = {"verb": verb, "via": decision.via,
+                                   "rule": decision.rule or "default"}
+        if not decision.allowed:
+            details["reason"] = decision.reason
+        await auditor.emit("authz.allow" if decision.allowed else "authz.deny",
+                           outcome=None if decision.allowed else "denied",
+                           target=target.to_audit(), **details)
 
     async def __call__(self, request: Request, stream: trio.abc.Stream,
                        conn: h11.Connection) -> Response | Upgraded:
         """Route one request (the :func:`podterm.gateway.http.serve_http` handler)."""
+        auditor = self.auditor
+        if auditor is not None:
+            auditor.enter_request(request)
         allowed: set[str] = set()
         for route in self.routes:
             match = route.pattern.fullmatch(request.path)
@@ -140,12 +238,42 @@ class Router:
                 continue
             try:
                 if not route.public:
-                    self._authenticate(request, stream)
+                    try:
+                        identity = await self._authenticate(request, stream)
+                    except PodtermError as exc:
+                        if auditor is not None:
+                            if request.identity is not None:  # per-user 429
+                                await auditor.access_granted(request, authorized=False)
+                            else:
+                                await auditor.access_refused(request, exc)
+                        raise
+                    if auditor is not None:
+                        await auditor.access_granted(request, authorized=False)
+                    if route.authorize:
+                        verb, target = self._verb_target(request)
+                        decision = await self.authorizer.decide(identity, verb, target)
+                        if auditor is not None:
+                            await self._audit_decision(auditor, verb, target, decision)
+                        decision.check(identity, verb, target)  # 403 / close 4403
+                        if verb == "exec" and self.limiter is not None and (
+                                request.is_upgrade or request.method == "POST"):
+                            # A new session: REST create or a kubectl exec upgrade.
+                            self.limiter.check_session_create(
+                                request.client.ip, identity.user, trio.current_time()).check()
                 return await route.handler(Call(request, match.groupdict(), stream, conn))
             except PodtermError as exc:
+                if isinstance(exc, RateLimitExceeded) and not getattr(exc, "headers", None):
+                    # 429 with Retry-After (error_response adds an exception's headers).
+                    exc.headers = [("Retry-After", exc.retry_after_header)]  # type: ignore[attr-defined]
                 if route.websocket and request.is_upgrade and conn.our_state is h11.SEND_RESPONSE:
                     GatewayCounters.bump(self.counters.handshake_failures,
                                          error_code(exc.http_status))
+                    if auditor is not None and isinstance(exc, ProtocolViolation |
+                                                          BadRequestError):
+                        await auditor.protocol_rejected(request, exc.message,
+                                                        http_status=exc.http_status)
+                if route.render_error is not None and conn.our_state is h11.SEND_RESPONSE:
+                    return route.render_error(exc, request)
                 raise
         if allowed:
             allow = ", ".join(sorted(allowed))

@@ -3,13 +3,16 @@
 The task tree (STYLE.md §2; every task has a parent)::
 
     serve(config)                          root nursery
+    ├── SessionStore.run                   --store: connections, lease expiry
     ├── SessionRegistry.run                sessions' nursery: every Session.run
+    │   ├── StoreMirror.run                one flusher: sessions → store (SQLite/Redis)
     │   └── Session.run × N                supervisor + output pump + input pump
     ├── LoopLagProbe.run                   event-loop lag for /metrics
     ├── _watch_signals                     SIGTERM/SIGINT → drain (main thread only)
     ├── _accept_loop                       trio.serve_listeners; cancelled first on drain
     └── connection nursery                 one task per connection: HTTP, or an
-        └── serve_http → router → ...      attachment's receiver (+ its sender)
+        └── [PROXY header →] serve_http → router → ...
+                                           attachment's receiver (+ its sender)
 
 ``await nursery.start(serve, config)`` returns a :class:`Gateway` once the
 listeners are bound (its ``url``, ``port``, ``admin_token`` and ``registry``),
@@ -18,43 +21,71 @@ which is how tests run it.  :func:`main` is the CLI entry point.
 Drain (:meth:`Gateway.shutdown`, or SIGTERM/SIGINT): ``/readyz`` turns 503 and
 new sessions and attaches are refused (503 ``unavailable``) while the
 listeners stay open (so probes see the 503); every attached client gets
-CONTROL ``drain`` then close 1001; once no link is left, or
+CONTROL ``drain`` then close 1001 (kubectl exec/attach links, which cannot
+resume elsewhere, keep running and end with a Failure Status at the
+deadline, ``gateway.kubeapi``); once no link is left, or
 ``drain_timeout_s`` has passed, the listeners close and the root is cancelled
 (the sessions end, their upstreams are killed) and ``main`` returns 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
 import tempfile
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import trio
 
+from podterm.audit.events import AuditEvent
+from podterm.audit.sinks import AuditSink, open_audit_sink
 from podterm.auth.authn import TokenAuthenticator, generate_admin_token
+from podterm.auth.chain import (
+    Authenticator,
+    AuthenticatorChain,
+    StaticTokenAuthenticator,
+    X509Authenticator,
+)
+from podterm.auth.rbac import Authorizer, ExternalAuthorizer, PolicyHolder, Target
 from podterm.config import ServeConfig
-from podterm.errors import ConfigError
-from podterm.gateway.admin import AdminApi
+from podterm.errors import ConfigError, PodtermError
+from podterm.gateway.admin import AdminApi, metric_families
+from podterm.gateway.agents import AgentEndpoint
 from podterm.gateway.api import SESSION_ID, SessionsApi
 from podterm.gateway.attach import AttachHandler
-from podterm.gateway.http import HttpLimits, Response, Upgraded, serve_http
-from podterm.gateway.router import Call, Route, Router
+from podterm.gateway.auditor import Auditor, RequestContext
+from podterm.gateway.clients import ClientConnections, receive_proxy_header
+from podterm.gateway.http import HttpLimits, Request, Response, Upgraded, serve_http
+from podterm.gateway.kubeapi import ApiserverBackend, KubeApi, LocalBackend
+from podterm.gateway.router import Call, Route, RouteHandler, Router
 from podterm.gateway.static import StaticFiles
-from podterm.metrics import GatewayCounters, LoopLagProbe
+from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, render
+from podterm.net.clientaddr import ClientAddressPolicy, resolve_connection
 from podterm.net.tls import CertReloader, server_context
+from podterm.protocol.proxy_header import ProxyResult
 from podterm.protocol.websocket import WsLimits
+from podterm.recording.writer import RecordingWriter
+from podterm.resilience.ratelimit import RateLimiter, RateLimits
+from podterm.session.mirror import StoreMirror, store_metric_families
 from podterm.session.registry import SessionRegistry
 from podterm.session.ring import DEFAULT_CHUNK_BYTES
 from podterm.session.session import SessionLimits
+from podterm.store import StoreError, open_store, redact_url
+from podterm.upstream.agent import AgentUpstream, AgentUpstreamOptions
 from podterm.upstream.base import Upstream
+from podterm.upstream.kube import KubeUpstream
 from podterm.upstream.local import LocalUpstream
 
 __all__ = ["Gateway", "GatewayOptions", "main", "serve", "session_limits"]
@@ -63,6 +94,14 @@ log = logging.getLogger(__name__)
 
 #: A create body with a 64 KiB command (escaped JSON can double it) and env fits.
 _MIN_BODY_BYTES = 192 * 1024
+
+
+#: Until the config has keys for them, only the failed-login budget per source
+#: is on by default (resilience.ratelimit's defaults); the connect and
+#: session-create limits are off (GatewayOptions.rate_limits turns them on).
+DEFAULT_RATE_LIMITS = RateLimits(connect_per_source=None, connect_per_user=None,
+                                 session_create_per_source=None,
+                                 session_create_per_user=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +117,17 @@ class GatewayOptions:
         session_limits: overrides of the session limits (e.g. a short
             heartbeat for tests) instead of the ones built from the config.
         lag_probe_interval_s: event-loop lag probe period; 0 = no probe.
+        audit_sink: the audit sink instead of the one built from ``config.audit``
+            (e.g. a fan-out with a ``MemorySink`` for tests).
+        recording_writer: the recording writer instead of the one built from
+            ``config.recording`` (e.g. one with few open files, for tests).
+        rate_limits: the rate limiter's limits (default: failed logins per
+            source only, until the config has keys for the others).
+        authenticators: further members of the authentication chain after
+            static tokens and client certificates, e.g. an ``OidcAuthenticator``
+            then a ``TokenReviewAuthenticator`` (no config keys for them yet).
+        external_authorizer: the SubjectAccessReview client a policy with
+            ``delegate: subjectaccessreview`` asks (``podterm.auth.sar``).
     """
 
     handle_signals: bool = False
@@ -86,6 +136,47 @@ class GatewayOptions:
     upstreams: dict[str, Upstream] | None = None
     session_limits: SessionLimits | None = None
     lag_probe_interval_s: float = 0.5
+    audit_sink: AuditSink | None = None
+    recording_writer: RecordingWriter | None = None
+    rate_limits: RateLimits = dataclasses.field(default_factory=lambda: DEFAULT_RATE_LIMITS)
+    authenticators: tuple[Authenticator, ...] = ()
+    external_authorizer: ExternalAuthorizer | None = None
+
+
+
+_SESSION_PATH = re.compile(r"/api/v1/sessions/(?P<id>[^/]+)(?P<sub>/attach)?/?")
+_KUBE_POD_PATH = re.compile(
+    r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<pod>[^/]+)(?:/(?P<sub>[a-z]+))?/?")
+
+
+def _create_target(request: Request) -> Target:
+    """The exec target of a ``POST /api/v1/sessions`` body (api.validate_create's defaults).
+
+    A body the handler will refuse (400) gives unknown parts, which match no
+    selector: the decision fails closed.
+    """
+    try:
+        body = request.json()
+    except PodtermError:
+        body = None
+    if not isinstance(body, dict):
+        return Target()
+
+    def text(key: str, default: str | None) -> str | None:
+        value = body.get(key)
+        if value is None or value == "":
+            return default
+        return value if isinstance(value, str) else None
+
+    command = body.get("command")
+    argv = None
+    if command is not None:
+        if not (isinstance(command, list) and command
+                and all(isinstance(c, str) for c in command)):
+            return Target()  # the handler answers 400; never judge it as a shell
+        argv = tuple(command)
+    return Target(namespace=text("namespace", "default"), pod=text("pod", "local"),
+                  container=text("container", None), command=argv)
 
 
 def session_limits(config: ServeConfig) -> SessionLimits:
@@ -160,27 +251,81 @@ class Gateway:
         upstreams = options.upstreams
         if upstreams is None:
             upstreams = {"local": LocalUpstream(default_shell=config.upstream.shell)}
+            if config.upstream.kind == "kube":
+                # --upstream kube: --kubeconfig (and --context), else the pod's
+                # service account.  ConfigError when they cannot be loaded.
+                upstreams["kube"] = KubeUpstream.from_config(config.upstream.kubeconfig,
+                                                             config.upstream.context)
+        # Sidecar agents register at /api/v1/agents/connect; sessions reach
+        # them as upstream "agent" (one given in options.upstreams is used).
+        agent_upstream = upstreams.get("agent")
+        if not isinstance(agent_upstream, AgentUpstream):
+            agent_upstream = AgentUpstream(AgentUpstreamOptions(
+                heartbeat_interval_s=self.limits.heartbeat_interval_s,
+                heartbeat_max_missed=self.limits.heartbeat_max_missed,
+                lost_timeout_s=self.limits.grace_s))
+            upstreams = {**upstreams, "agent": agent_upstream}
+        self.agents = agent_upstream
         default = config.upstream.kind
         if default not in upstreams:
             log.warning("gateway.upstream.unavailable: upstream %r is not wired into this "
                         "gateway yet; sessions that name none use 'local'", default)
             default = "local"
-        if config.listen.proxy_protocol:
-            log.warning("gateway.proxy_protocol.unsupported: --proxy-protocol is not "
-                        "implemented yet; connections are read as plain HTTP")
+        # Who the client is: socket peer, PROXY header (--proxy-protocol), or a
+        # trusted proxy's X-Forwarded-For (--trusted-proxies); net.clientaddr.
+        self.client_policy = ClientAddressPolicy.from_listen(config.listen)
+        self.clients = ClientConnections(config.limits.max_connections_per_ip)
+        # The session store (ConfigError for a bad URL).  memory:// is not
+        # mirrored into: nothing outside this process could read it.  SQLite
+        # and Redis get every session's record (session.mirror); while they
+        # are down, new sessions are refused and /readyz says 503.
+        self.store = open_store(config.store.url)
+        self.mirror = StoreMirror(self.store) if self.store.backend != "memory" else None
+        # Audit events and recordings (docs/audit.md): their writers run outside
+        # the root nursery (run()), so they outlive every session.
+        self.audit = options.audit_sink or open_audit_sink(
+            config.audit.log_file, full_policy=config.audit.full_policy,
+            buffer_records=config.audit.buffer_records)
+        self.recordings = options.recording_writer or RecordingWriter.from_config(
+            config.recording.dir, record_input=config.recording.record_input,
+            full_policy=config.audit.full_policy)
+        self.auditor = Auditor(self.audit, self.recordings, shell=config.upstream.shell)
         self.registry = SessionRegistry(
             upstreams, default_upstream=default, limits=self.limits, counters=self.counters,
             max_sessions=config.limits.max_sessions,
-            max_sessions_per_user=config.limits.max_sessions_per_user)
+            max_sessions_per_user=config.limits.max_sessions_per_user, mirror=self.mirror,
+            hooks=self.auditor)
         self.lag = (LoopLagProbe(options.lag_probe_interval_s)
                     if options.lag_probe_interval_s > 0 else None)
         self.static = StaticFiles(options.web_dir) if options.web_dir else StaticFiles()
-        self.attach = AttachHandler(self.registry, self.counters, ws_limits=WsLimits(
-            max_frame_bytes=config.limits.max_frame_bytes,
-            max_message_bytes=config.limits.max_message_bytes))
-        self.admin = AdminApi(self.registry, self.counters, self.lag, lambda: self.draining)
+        ws_limits = WsLimits(max_frame_bytes=config.limits.max_frame_bytes,
+                             max_message_bytes=config.limits.max_message_bytes)
+        self.attach = AttachHandler(self.registry, self.counters, ws_limits=ws_limits,
+                                    auditor=self.auditor)
+        # kubectl's API (version, discovery, pods, exec/attach), for the default
+        # upstream: the kube upstream's apiserver answers the reads, else the
+        # local upstream's pods are synthesized (kubeapi.LocalBackend).
+        kube = upstreams.get("kube")
+        kube_backend = (ApiserverBackend(kube) if default == "kube" and isinstance(
+            kube, KubeUpstream) else LocalBackend())
+        self.kubeapi = KubeApi(self.registry, self.counters, backend=kube_backend,
+                               ws_limits=ws_limits)
+        self.admin = AdminApi(self.registry, self.counters, self.lag, lambda: self.draining,
+                              unready=self._unready)
+        self.agent_endpoint = AgentEndpoint(self.agents, self.counters,
+                                            draining=lambda: self.draining)
+        # Authentication chain, RBAC policy (reloaded on change; --policy) and
+        # rate limits (docs/rbac.md).  A policy file that cannot be read stops
+        # the start (ConfigError); without one only podterm:admins may act.
+        self.chain = AuthenticatorChain([StaticTokenAuthenticator(self.authenticator),
+                                         X509Authenticator(), *options.authenticators])
+        self.policy = PolicyHolder(auth.policy_file, on_event=self._policy_event)
+        self.authorizer = Authorizer(self.policy, external=options.external_authorizer)
+        self.limiter = RateLimiter(options.rate_limits)
         self.router = Router(self._routes(), authenticator=self.authenticator,
-                             counters=self.counters)
+                             counters=self.counters, auditor=self.auditor, chain=self.chain,
+                             authorizer=self.authorizer, limiter=self.limiter,
+                             resolve_target=self._verb_target)
         limits = config.limits
         self.http_limits = HttpLimits(
             max_header_bytes=min(limits.max_request_bytes, 64 * 1024),
@@ -194,7 +339,6 @@ class Gateway:
         self.url = ""
         self.draining = False
         self._connections = 0
-        self._per_ip: dict[str, int] = {}
         self._links = 0
         self._links_lot = trio.lowlevel.ParkingLot()
         self._shutdown = trio.Event()
@@ -204,19 +348,86 @@ class Gateway:
         return (f"<Gateway {self.url or 'unbound'} sessions={len(self.registry)} "
                 f"links={self._links}{' draining' if self.draining else ''}>")
 
+    def _policy_event(self, event: AuditEvent) -> None:
+        """``policy.reload`` into the audit log; never lets a reload fail."""
+        try:
+            self.auditor._submit_nowait(event)
+        except Exception:  # the audit path reports its own failures
+            log.exception("audit.policy_reload.failed")
+
+    def _verb_target(self, request: Request) -> tuple[str, Target]:
+        """The RBAC verb and target of an authenticated request (docs/rbac.md, Verbs)."""
+        identity = request.identity
+        path, method = request.path.rstrip("/"), request.method
+        if path == "/api/v1/sessions":
+            if method != "POST":
+                return "list-sessions", Target(session_owner=identity.user if identity else None)
+            return "exec", _create_target(request)
+        match = _SESSION_PATH.fullmatch(request.path)
+        if match is not None:
+            session_id, sub = match.group("id"), match.group("sub")
+            try:
+                session = self.registry.get(session_id)
+            except PodtermError:
+                # Unknown or ended: no owner, so no owner: self rule matches;
+                # an allowed caller then gets the handler's 404/410.
+                session = None
+            target = Target(session=session_id)
+            if session is not None:
+                spec = session.spec
+                target = Target(namespace=spec.namespace or None, pod=spec.pod or None,
+                                container=spec.container or None,
+                                session_owner=session.owner, session=session_id)
+            if sub:
+                return ("join" if request.query.get("mode") == "ro" else "attach"), target
+            if method == "DELETE":
+                own = session is not None and identity is not None and \
+                    session.owner == identity.user
+                # Killing your own session needs what starting it did.
+                return ("exec" if own else "admin"), target
+            return "list-sessions", target
+        match = _KUBE_POD_PATH.fullmatch(request.path)
+        if match is not None:
+            sub = match.group("sub")
+            verb = "attach" if sub == "attach" else "exec"
+            query = urllib.parse.parse_qs(request.target.partition("?")[2])
+            command = tuple(query.get("command", ())) if sub == "exec" else None
+            return verb, Target(namespace=match.group("ns"), pod=match.group("pod"),
+                                container=query.get("container", [""])[0] or None,
+                                command=command or None)
+        return "admin", Target()
+
     # ---------------------------------------------------------------- routes
 
     def _routes(self) -> list[Route]:
         return [
+            # Before the admin routes: /metrics with the upstreams' families too.
+            Route.make("GET", r"/metrics", self._metrics, public=True),
             *self.admin.routes(),
             Route.make("GET", rf"/api/v1/sessions/{SESSION_ID}/attach", self._attach,
                        websocket=True),
-            *SessionsApi(self.registry).routes(),
+            *SessionsApi(self.registry, auditor=self.auditor).routes(),
+            *self.agent_endpoint.routes(),
+            # Before the static catch-all, which would take /version, /api and /apis.
+            *[dataclasses.replace(r, handler=self._counted(r.handler)) if r.websocket else r
+              for r in self.kubeapi.routes()],
             Route.make("GET", r"/(?!api/).*", self._static, public=True),
         ]
 
+    def _counted(self, handler: RouteHandler) -> RouteHandler:
+        """Wrap an upgrading handler so its link counts for the drain (see :meth:`_link`)."""
+
+        async def counted(call: Call) -> Response | Upgraded:
+            answer = await handler(call)
+            return self._link(answer) if isinstance(answer, Upgraded) else answer
+
+        return counted
+
     async def _attach(self, call: Call) -> Upgraded:
-        upgraded = await self.attach(call)
+        return self._link(await self.attach(call))
+
+    def _link(self, upgraded: Upgraded) -> Upgraded:
+        """Count the upgraded connection as a link while it runs (drain waits for links)."""
         run = upgraded.run
         if run is None:
             return upgraded
@@ -232,34 +443,82 @@ class Gateway:
 
         return Upgraded(counted)
 
+    async def _metrics(self, call: Call) -> Response:
+        """``/metrics``: the admin families plus the kube upstream's breaker and dials."""
+        families = metric_families(self.registry, self.counters, self.lag,
+                                   draining=self.draining)
+        for upstream in self.registry.upstreams.values():
+            if isinstance(upstream, KubeUpstream):
+                families += upstream.metric_families()
+        families += store_metric_families(self.store, self.mirror)
+        families += self.clients.metric_families()
+        families += self.auditor.metric_families()
+        return Response(200, render(families).encode("utf-8"), CONTENT_TYPE,
+                        (("Cache-Control", "no-store"),))
+
     async def _static(self, call: Call) -> Response:
         return self.static.serve(call.request)
 
     # ----------------------------------------------------------- connections
 
+    def _unready(self) -> str | None:
+        """/readyz: why new sessions cannot be taken now (the store is down), or None."""
+        if self.mirror is not None and not self.store.is_available:
+            return "session store unavailable: not taking new sessions"
+        # fail-closed: an audit or recording writer that is behind refuses sessions.
+        return self.auditor.not_ready_reason()
+
+    async def _dispatch(self, request: Request, stream: trio.abc.Stream,
+                        conn: h11.Connection) -> Response | Upgraded:
+        """The router, counting where each request's client address came from."""
+        self.clients.count_request(request.client.via.value)
+        return await self.router(request, stream, conn)
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        peer = "?"
         sock = getattr(stream, "socket", None) or getattr(
             getattr(stream, "transport_stream", None), "socket", None)
+        peer_addr: tuple[Any, ...] = ("?", 0)
         if sock is not None:
             try:
-                host, port = sock.getpeername()[:2]
-                peer = f"{host}:{port}"
+                peer_addr = tuple(sock.getpeername())
             except OSError:
                 pass
-        ip = peer.rpartition(":")[0]
-        cap = self.config.limits.max_connections_per_ip
-        if cap and self._per_ip.get(ip, 0) >= cap:
-            # One address holds its share of the descriptor budget: refuse
-            # this connection before reading anything.
+        policy = self.client_policy
+        proxy: ProxyResult | None = None
+        if policy.proxy_protocol:
+            # The header comes before any HTTP or TLS byte, so TLS is layered
+            # on here rather than by the listener.
+            assert isinstance(stream, trio.abc.HalfCloseableStream)
+            try:
+                received = await receive_proxy_header(
+                    stream, timeout_s=self.config.limits.handshake_timeout_s,
+                    answer_http=self.ssl_context is None, clients=self.clients,
+                    peer=f"{peer_addr[0]}:{peer_addr[1]}")
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise
+            if received is None:
+                return  # refused (400 on plain HTTP), counted and closed
+            proxy, stream = received
+            if self.ssl_context is not None:
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True,
+                                        https_compatible=True)
+        client = resolve_connection(peer_addr, proxy, policy=policy)
+        if not self.clients.acquire(client.ip, client.via.value):
+            # One client address holds its share of the descriptor budget:
+            # refuse this connection before reading any HTTP.  Keyed on the
+            # client, not the socket peer: behind a balancer that is the balancer.
             await trio.aclose_forcefully(stream)
             return
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self._connections += 1
         try:
-            upgraded = await serve_http(stream, self.router, limits=self.http_limits,
+            upgraded = await serve_http(stream, self._dispatch, limits=self.http_limits,
                                         counters=self.counters,
-                                        keep_alive=lambda: not self.draining, peer=peer)
+                                        keep_alive=lambda: not self.draining, client=client,
+                                        client_policy=policy,
+                                        on_protocol_error=functools.partial(
+                                            self._http_rejected, str(client)))
             if upgraded is not None and upgraded.run is not None:
                 try:
                     await upgraded.run()
@@ -268,16 +527,18 @@ class Gateway:
                         await trio.aclose_forcefully(stream)
         except Exception:
             # A bug ends only its own connection (STYLE.md §3), never the gateway.
-            log.exception("gateway.connection.failed", extra={"peer": peer})
+            log.exception("gateway.connection.failed", extra={"peer": str(client),
+                                                              "via": client.via.value})
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
         finally:
             self._connections -= 1
-            left = self._per_ip[ip] - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                del self._per_ip[ip]
+            self.clients.release(client.ip)
+
+    def _http_rejected(self, source: str, status: int, reason: str) -> None:
+        """``protocol.reject`` for a request that broke HTTP (answered ``status``)."""
+        self.auditor.protocol_rejected_nowait(reason, http_status=status, protocol="http/1.1",
+                                              context=RequestContext(source_addr=source))
 
     # ----------------------------------------------------------------- drain
 
@@ -300,11 +561,19 @@ class Gateway:
         # attaches are refused with 503; the listeners close at the end.
         self.draining = True
         self.registry.drain(reason)
+        # Never blocks: a stuck audit disk must not hold the drain up (the
+        # event waits in order for room instead).
+        self.auditor.emit_nowait("admin.action", action="drain", reason=reason)
         with trio.move_on_after(self.config.sessions.drain_timeout_s) as scope:
             await self._wait_links_gone()
         if scope.cancelled_caught:
             log.warning("gateway.drain.timeout: %d links still open after %gs", self._links,
                         self.config.sessions.drain_timeout_s)
+        # Last, so exec links that cannot resume keep their shells to the end:
+        # agents reconnect elsewhere and keep every shell (the sessions' close
+        # on shutdown then cannot reach them to kill them).
+        with trio.move_on_after(self.agents.options.close_timeout_s):
+            await self.agents.drain(reason)
         log.info("gateway.drain.complete")
 
     async def _watch_signals(self) -> None:
@@ -314,6 +583,17 @@ class Gateway:
                 self.shutdown(f"gateway received {signal.Signals(signum).name}")
 
     # ------------------------------------------------------------------- run
+
+    async def _close_stale(self, mirror: StoreMirror) -> None:
+        """SQLite: this gateway's sessions from a previous run died with it; mark them closed."""
+        try:
+            closed = await mirror.close_stale()
+        except StoreError as exc:
+            log.warning("gateway.store.stale.failed: %s (records of a previous run stay as "
+                        "they were)", exc)
+            return
+        if closed:
+            log.info("gateway.store.stale: %d sessions of a previous run marked closed", closed)
 
     def _banner(self) -> None:
         lines = [f"podterm gateway listening on {self.url}"]
@@ -327,14 +607,50 @@ class Gateway:
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Bind, serve, drain on :meth:`shutdown`, return when drained."""
+        """Bind, serve, drain on :meth:`shutdown`, return when drained.
+
+        The audit sink and the recording writer run in a nursery *outside*
+        the root one: sessions end (and write their last records) before
+        ``gateway.stop`` is written and both writers flush and close.
+
+        Raises:
+            ConfigError: the recordings directory or the audit log cannot be
+                written, or the store cannot be used.
+            OSError: the listener cannot be bound.
+        """
+        await self.auditor.preflight()
+        try:
+            async with trio.open_nursery() as outer:
+                await outer.start(self.auditor.run)
+                reason, failed = "cancelled", False
+                try:
+                    await self._serve(task_status=task_status)
+                    reason = self._shutdown_reason
+                except Exception as exc:
+                    reason, failed = f"failed: {type(exc).__name__}: {exc}", True
+                    raise
+                finally:
+                    await self.auditor.aclose(reason, failed=failed)  # shielded, bounded
+        except BaseExceptionGroup as group:
+            # The outer nursery only wraps: re-raise the one error bare, so
+            # callers see OSError / ConfigError as before (main maps them).
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _serve(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
+        """The root nursery: store, registry, listeners; returns when drained."""
         listeners: list[Any] = list(await trio.open_tcp_listeners(
             self.config.listen.port, host=self.config.listen.host))
-        if self.ssl_context is not None:
-            listeners = [trio.SSLListener(lst, self.ssl_context, https_compatible=True)
+        context = self.ssl_context
+        tls_listener = context is not None and not self.client_policy.proxy_protocol
+        if tls_listener:
+            # With --proxy-protocol, _handle reads the header first, then TLS.
+            assert context is not None
+            listeners = [trio.SSLListener(lst, context, https_compatible=True)
                          for lst in listeners]
         first = listeners[0]
-        sock = first.transport_listener.socket if self.ssl_context else first.socket
+        sock = first.transport_listener.socket if tls_listener else first.socket
         host, port = sock.getsockname()[:2]
         self.port = port
         self.host = host
@@ -342,7 +658,15 @@ class Gateway:
         self.url = f"{'https' if self.ssl_context else 'http'}://{shown}:{port}"
         try:
             async with trio.open_nursery() as root:
+                # The store before the registry: the first create writes to it.
+                await root.start(self.store.run)
+                if self.mirror is not None:
+                    self.mirror.holder = f"{shown}:{port}"
+                    if self.store.backend == "sqlite":
+                        await self._close_stale(self.mirror)
                 await root.start(self.registry.run)
+                # --policy: reloaded when the file changes (policy.reload events).
+                await root.start(self.policy.run)
                 tls = self.config.tls
                 if self.ssl_context is not None and tls.cert_file and tls.key_file:
                     # New handshakes pick up a renewed certificate; open ones keep theirs.
@@ -371,12 +695,18 @@ class Gateway:
                     if self.options.print_banner:
                         self._banner()
                     log.info("gateway.start.complete %s", self.url)
+                    self.auditor.gateway_started(self.url)
                     task_status.started(self)
                     await self._shutdown.wait()
                     await self._drain()
                     accept_scope.cancel()
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
+        except* StoreError as group:
+            # Only faults retrying cannot fix escape a store's run (a SQLite
+            # file from a newer podterm): a configuration problem, exit 2.
+            raise ConfigError(f"session store {redact_url(self.config.store.url)}: "
+                              f"{group.exceptions[0]}") from None
         finally:
             for listener in listeners:
                 with trio.CancelScope(shield=True):

@@ -19,6 +19,7 @@ stays valid after the next message arrives.
     Stdin(data)              client keystrokes / piped input
     Stdout(data), Stderr(data)
     StdinClose()             k8s v5 ``FF 00``: the client's stdin hit EOF
+    StdinEof(offset)         podterm.v1 ``stdin_eof``: the client's stdin ended at input offset N
     StatusChunk(data)        k8s channel 3 bytes (client role), concatenated until close
     Resize(cols, rows)
     Ack(offset)              podterm.v1 / tunnel: bytes of the peer's stream received
@@ -57,6 +58,18 @@ class Stderr:
 @dataclass(frozen=True, slots=True)
 class StdinClose:
     """The client's stdin reached EOF (k8s ``v5.channel.k8s.io`` ``FF 00``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StdinEof:
+    """podterm.v1 ``stdin_eof``: the client's stdin ended after input offset ``offset``.
+
+    ``offset`` is the client's total input at EOF; the server closes the
+    process's stdin once it has accepted every input byte before it
+    (docs/protocol.md §4).  Repeating it is harmless (resume re-sends it).
+    """
+
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,9 @@ class Hello:
     window: int
     heartbeat_s: float
     notices: tuple[str, ...] = ()
+    #: The session's stdin is closed (a ``stdin_eof`` was applied): a resuming
+    #: client does not send ``stdin_eof`` again.
+    stdin_closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +220,12 @@ class Resume:
 
 
 Event: TypeAlias = (
-    Stdin | Stdout | Stderr | StdinClose | StatusChunk | Resize | Ack | Exit | Hello | Gap
-    | Drain | ErrorMsg | Detach | Open | Close | Resume
+    Stdin | Stdout | Stderr | StdinClose | StdinEof | StatusChunk | Resize | Ack | Exit | Hello
+    | Gap | Drain | ErrorMsg | Detach | Open | Close | Resume
 )
 
 __all__ = [
     "Ack", "Close", "Detach", "Drain", "ErrorMsg", "Event", "Exit", "Gap", "Hello", "Open",
-    "Resize", "Resume", "ResumeEntry", "StatusChunk", "Stderr", "Stdin", "StdinClose", "Stdout",
+    "Resize", "Resume", "ResumeEntry", "StatusChunk", "Stderr", "Stdin", "StdinClose", "StdinEof",
+    "Stdout",
 ]

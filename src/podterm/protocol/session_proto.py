@@ -18,6 +18,7 @@ Decoding rules, checked in this order (each raises
 3. a type byte above 0x06                               → 1003 (unknown type)
 4. a type the receiving role never accepts (a client's STDOUT, a server's STDIN) → 1003
 5. a read-only viewer's STDIN or RESIZE (server role)   → 1008
+   (and its CONTROL ``stdin_eof``, once that has passed check 9)
 6. a data payload over 64 KiB, a CONTROL or EXIT over 16 KiB → 1009
 7. RESIZE not exactly 4 bytes, ACK not exactly 8        → 1002
 8. RESIZE cols or rows above 10000                      → 1002; a zero is ignored (no event)
@@ -61,6 +62,7 @@ from podterm.protocol.events import (
     Resize,
     Stderr,
     Stdin,
+    StdinEof,
     Stdout,
 )
 
@@ -96,7 +98,7 @@ MODES: Final = frozenset({"rw", "ro"})
 
 #: Known CONTROL types by sender (docs/protocol.md §4 "Control messages").
 SERVER_CONTROLS: Final = frozenset({"hello", "gap", "drain", "error"})
-CLIENT_CONTROLS: Final = frozenset({"detach", "error"})  # "error" may come from either side
+CLIENT_CONTROLS: Final = frozenset({"detach", "stdin_eof", "error"})  # "error": either side
 
 _ACK = struct.Struct(">Q")
 _RESIZE = struct.Struct(">HH")
@@ -229,6 +231,9 @@ def _parse_hello(obj: Mapping[str, Any]) -> Hello:
     notices = obj.get("notices", [])
     if not isinstance(notices, list) or not all(isinstance(n, str) for n in notices):
         raise _schema("hello: 'notices' must be a list of strings")
+    stdin_closed = obj.get("stdin_closed", False)  # absent: false (older servers)
+    if not isinstance(stdin_closed, bool):
+        raise _schema("hello: 'stdin_closed' must be a boolean")
     return Hello(
         session=_str(obj, "session", what),
         resume_token=token,
@@ -242,6 +247,7 @@ def _parse_hello(obj: Mapping[str, Any]) -> Hello:
         window=_int(obj, "window", what, 1, MAX_OFFSET),
         heartbeat_s=float(heartbeat),
         notices=tuple(notices),
+        stdin_closed=stdin_closed,
     )
 
 
@@ -266,12 +272,17 @@ def _parse_detach(obj: Mapping[str, Any]) -> Detach:
     return Detach()
 
 
+def _parse_stdin_eof(obj: Mapping[str, Any]) -> StdinEof:
+    return StdinEof(_int(obj, "offset", "stdin_eof", 0, MAX_OFFSET))
+
+
 _CONTROL_PARSERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Event]]] = {
     "hello": _parse_hello,
     "gap": _parse_gap,
     "drain": _parse_drain,
     "error": _parse_error,
     "detach": _parse_detach,
+    "stdin_eof": _parse_stdin_eof,
 }
 
 
@@ -345,6 +356,8 @@ def control_body(event: Event) -> bytes:
                "heartbeat_s": event.heartbeat_s, "notices": list(event.notices)}
         if event.heartbeat_s == int(event.heartbeat_s):
             obj["heartbeat_s"] = int(event.heartbeat_s)  # "heartbeat_s":15 as in the spec
+        if event.stdin_closed:
+            obj["stdin_closed"] = True  # only when true: absent means false
     elif isinstance(event, Gap):
         obj = {"type": "gap", "from": _check_offset(event.from_offset),
                "to": _check_offset(event.to_offset), "lost": event.lost}
@@ -354,6 +367,8 @@ def control_body(event: Event) -> bytes:
         obj = {"type": "error", "code": event.code, "message": event.message}
     elif isinstance(event, Detach):
         obj = {"type": "detach"}
+    elif isinstance(event, StdinEof):
+        obj = {"type": "stdin_eof", "offset": _check_offset(event.offset)}
     else:
         raise LocalProtocolError(f"{type(event).__name__} is not a control message")
     body = _check_control(_json(obj))
@@ -482,12 +497,12 @@ class ServerCodec(_Codec):
     """Decodes client → server messages; encodes server → client ones.
 
     Args:
-        read_only: the client is a viewer: its STDIN and RESIZE are a policy
-            violation (1008, docs/protocol.md §7).
+        read_only: the client is a viewer: its STDIN, RESIZE and ``stdin_eof``
+            are a policy violation (1008, docs/protocol.md §7).
         max_data_bytes, max_control_bytes: the §4 limits (64 KiB, 16 KiB).
 
     ``receive_message`` yields :class:`Stdin`, :class:`Resize`, :class:`Ack`,
-    :class:`Detach` and :class:`ErrorMsg`.
+    :class:`Detach`, :class:`StdinEof` and :class:`ErrorMsg`.
     """
 
     __slots__ = ("read_only",)
@@ -527,6 +542,9 @@ class ServerCodec(_Codec):
                 self._ignored += 1
         else:
             event = self._control(payload)
+            if self.read_only and type(event) is StdinEof:
+                # A viewer has no input to end: the same policy as its STDIN.
+                raise _bad("read-only viewer sent stdin_eof", CloseCode.POLICY_VIOLATION)
         return [] if event is None else [event]
 
     # Encoders (server → client).
@@ -557,7 +575,7 @@ class ServerCodec(_Codec):
         Raises:
             LocalProtocolError: the event is not one a server sends.
         """
-        if isinstance(event, Stdin | Resize | Detach) or not _is_session_event(event):
+        if isinstance(event, Stdin | Resize | Detach | StdinEof) or not _is_session_event(event):
             raise LocalProtocolError(f"a server does not send {type(event).__name__}")
         return encode(event)
 
@@ -631,20 +649,25 @@ class ClientCodec(_Codec):
     def detach() -> OutMessage:
         return encode_control(Detach())
 
+    @staticmethod
+    def stdin_eof(offset: int) -> OutMessage:
+        """CONTROL ``stdin_eof``: the client's input ends at ``offset`` (its total input)."""
+        return encode_control(StdinEof(offset))
+
     def send(self, event: Event) -> OutMessage:
         """Encode a client → server event.
 
         Raises:
             LocalProtocolError: the event is not one a client sends.
         """
-        if not isinstance(event, Stdin | Resize | Ack | Detach | ErrorMsg):
+        if not isinstance(event, Stdin | Resize | Ack | Detach | StdinEof | ErrorMsg):
             raise LocalProtocolError(f"a client does not send {type(event).__name__}")
         return encode(event)
 
 
 def _is_session_event(event: Event) -> bool:
     return isinstance(event, Stdin | Stdout | Stderr | Exit | Resize | Ack | Hello | Gap | Drain
-                      | ErrorMsg | Detach)
+                      | ErrorMsg | Detach | StdinEof)
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 import trio
 
@@ -28,21 +29,53 @@ from podterm.auth.identity import Identity
 from podterm.errors import (
     GoneError,
     NotFoundError,
+    PodtermError,
     RateLimitedError,
     Unavailable,
     UpstreamError,
 )
 from podterm.metrics import GatewayCounters
-from podterm.session.session import Session, SessionLimits, SessionState
-from podterm.upstream.base import StreamSpec, Upstream
+from podterm.session.mirror import StoreMirror
+from podterm.session.session import Session, SessionLimits, SessionObserver, SessionState
+from podterm.upstream.base import StreamSpec, Upstream, UpstreamStream
+from podterm.upstream.kube import acting_as
 
-__all__ = ["RegistryStatistics", "SessionRegistry", "Unavailable"]
+__all__ = ["RegistryHooks", "RegistryStatistics", "SessionRegistry", "Unavailable"]
 
 log = logging.getLogger(__name__)
 
 #: Ended session ids remembered for 410 answers.  10,000 ids cost ~1 MiB; an
 #: id older than that is answered 404, which a client treats the same way.
 MAX_TOMBSTONES = 10_000
+
+
+class RegistryHooks(SessionObserver, Protocol):
+    """What the registry tells the gateway's auditor (audit events and recordings).
+
+    The registry calls :meth:`check_accepting` before anything else in
+    :meth:`SessionRegistry.create`, :meth:`starting` once the Session exists
+    (before it runs or is registered), :meth:`abandoned` when a session that
+    was started that way is not registered after all, :meth:`started` just
+    before it runs, and :meth:`refused` when a create fails with a
+    :class:`~podterm.errors.PodtermError`.  Each session gets the hooks as its
+    :class:`~podterm.session.session.SessionObserver`.
+    """
+
+    def check_accepting(self) -> None:
+        """Raise (``BufferFull``, 503) when new sessions must be refused."""
+
+    async def starting(self, session: Session, owner: Identity) -> None:
+        """Prepare the session (open its recorder); raising refuses it."""
+
+    async def abandoned(self, session: Session) -> None:
+        """Undo :meth:`starting` for a session that will never run."""
+
+    def started(self, session: Session) -> None:
+        """The session is registered and about to run."""
+
+    async def refused(self, owner: Identity, spec: StreamSpec, upstream: str,
+                      exc: PodtermError) -> None:
+        """A create failed (capacity, rate limit, audit writer, upstream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +110,22 @@ class SessionRegistry:
         max_sessions: live sessions allowed (503 beyond).
         max_sessions_per_user: live sessions per owner (429 beyond); 0 = no bound.
         open_timeout_s: bound on starting an upstream stream.
+        mirror: mirrors sessions into the session store (``session.mirror``):
+            a create is refused (503) while the store cannot take its record,
+            running sessions are mirrored best effort.  None: no store.
+        hooks: the auditor (:class:`RegistryHooks`): admission, recording and
+            audit events.  None: no audit, no recording.
     """
 
     __slots__ = ("upstreams", "default_upstream", "limits", "counters", "max_sessions",
                  "max_sessions_per_user", "open_timeout_s", "_sessions", "_tombstones",
-                 "_nursery", "_draining", "_per_user", "_pending")
+                 "_nursery", "_draining", "_per_user", "_pending", "mirror", "hooks")
 
     def __init__(self, upstreams: Mapping[str, Upstream], *, default_upstream: str = "local",
                  limits: SessionLimits | None = None, counters: GatewayCounters,
                  max_sessions: int = 9000, max_sessions_per_user: int = 0,
-                 open_timeout_s: float = 30.0) -> None:
+                 open_timeout_s: float = 30.0, mirror: StoreMirror | None = None,
+                 hooks: RegistryHooks | None = None) -> None:
         if default_upstream not in upstreams:
             raise ValueError(f"default upstream {default_upstream!r} is not enabled")
         self.upstreams = dict(upstreams)
@@ -102,6 +141,8 @@ class SessionRegistry:
         self._draining = False
         self._per_user: dict[str, int] = {}
         self._pending = 0  # creations between the checks and the registration
+        self.mirror = mirror
+        self.hooks = hooks
 
     def __repr__(self) -> str:
         return (f"<SessionRegistry sessions={len(self._sessions)} "
@@ -120,6 +161,8 @@ class SessionRegistry:
         """Own the sessions' nursery until cancelled (then every session closes)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.mirror is not None:
+                await nursery.start(self.mirror.run)  # the store flusher: one task
             task_status.started(self)
             try:
                 await trio.sleep_forever()
@@ -169,13 +212,30 @@ class SessionRegistry:
                      upstream: str | None = None) -> Session:
         """Start a process and its session.
 
+        With :attr:`hooks`, the auditor is asked first (a ``fail-closed``
+        audit or recording writer that is behind refuses with 503), opens the
+        session's recorder before it runs, and hears of every refusal.
+
         Raises:
+            BufferFull: the audit or recording writer refuses new sessions (503).
             Unavailable: draining, the registry is not running, or
                 ``max_sessions`` are live (503).
             RateLimitedError: the owner has ``max_sessions_per_user`` (429).
             NotFoundError: ``upstream`` is not enabled... reported as 400 by the API.
             UpstreamError: the upstream could not start the process (502).
         """
+        hooks = self.hooks
+        if hooks is None:
+            return await self._create(owner, spec, upstream)
+        try:
+            hooks.check_accepting()
+            return await self._create(owner, spec, upstream)
+        except PodtermError as exc:
+            await hooks.refused(owner, spec, upstream or self.default_upstream, exc)
+            raise
+
+    async def _create(self, owner: Identity, spec: StreamSpec,
+                      upstream: str | None) -> Session:
         if self._draining or self._nursery is None:
             raise Unavailable("the gateway is draining; retry through the load balancer")
         kind = upstream or self.default_upstream
@@ -190,27 +250,52 @@ class SessionRegistry:
                 and self._per_user.get(user, 0) >= self.max_sessions_per_user):
             raise RateLimitedError(f"user {user!r} has {self.max_sessions_per_user} sessions "
                                    "already; end one first")
+        if self.mirror is not None:
+            self.mirror.check_available()  # before starting anything: 503 while the store is down
         self._pending += 1
         self._per_user[user] = self._per_user.get(user, 0) + 1
         registered = False
+        hooked: Session | None = None  # hooks.starting() ran for it
         try:
-            with trio.move_on_after(self.open_timeout_s) as scope:
-                stream = await backend.open(spec)
-            if scope.cancelled_caught:
-                raise UpstreamError(f"upstream {kind!r} did not start the process within "
-                                    f"{self.open_timeout_s:g} s")
+            stream = await self._open(backend, kind, owner, spec)
             nursery = self._nursery
             if nursery is None or self._draining:
                 with trio.CancelScope(shield=True), trio.move_on_after(self.limits.kill_timeout_s):
                     await stream.aclose()
                 raise Unavailable("the gateway is draining; retry through the load balancer")
+
+            async def reopen(new_spec: StreamSpec) -> UpstreamStream:
+                # A lost shell's restart (Session "Lost upstreams"): same upstream, same owner.
+                return await self._open(backend, kind, owner, new_spec)
+
             session = Session(self._new_id(), owner=user, spec=spec, upstream_kind=kind,
-                              stream=stream, limits=self.limits, counters=self.counters)
+                              stream=stream, limits=self.limits, counters=self.counters,
+                              reopen=reopen, observer=self.hooks)
+            if self.hooks is not None:
+                try:
+                    await self.hooks.starting(session, owner)  # its recorder, before it runs
+                except BaseException:
+                    with trio.CancelScope(shield=True), \
+                            trio.move_on_after(self.limits.kill_timeout_s):
+                        await stream.aclose()
+                    raise
+                hooked = session
+            if self.mirror is not None:
+                try:
+                    # Its record first: a session no peer could find is not started.
+                    await self.mirror.register(session)
+                except BaseException:
+                    with trio.CancelScope(shield=True), \
+                            trio.move_on_after(self.limits.kill_timeout_s):
+                        await stream.aclose()
+                    raise
             session.on_closed(self._reap)
             self._sessions[session.id] = session
             self._pending -= 1  # counted in _sessions from now on
             registered = True
             self.counters.sessions_created += 1
+            if self.hooks is not None:
+                self.hooks.started(session)
             await nursery.start(session.run)
             log.info("session.create.complete %s owner=%s upstream=%s", session.id, user, kind)
             return session
@@ -218,6 +303,18 @@ class SessionRegistry:
             if not registered:
                 self._pending -= 1
                 self._release_user(user)
+                if hooked is not None and self.hooks is not None:
+                    await self.hooks.abandoned(hooked)
+
+    async def _open(self, backend: Upstream, kind: str, owner: Identity,
+                    spec: StreamSpec) -> UpstreamStream:
+        """``backend.open(spec)`` on behalf of ``owner`` (for impersonation), bounded."""
+        with acting_as(owner), trio.move_on_after(self.open_timeout_s) as scope:
+            stream = await backend.open(spec)
+        if scope.cancelled_caught:
+            raise UpstreamError(f"upstream {kind!r} did not start the process within "
+                                f"{self.open_timeout_s:g} s")
+        return stream
 
     def _release_user(self, user: str) -> None:
         left = self._per_user.get(user, 0) - 1
@@ -230,6 +327,8 @@ class SessionRegistry:
         if self._sessions.pop(session.id, None) is None:
             return
         self._release_user(session.owner)
+        if self.mirror is not None:
+            self.mirror.closed(session)  # the store's tombstone, written by the flusher
         self._tombstones[session.id] = session.end_reason or "closed"
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)

@@ -49,6 +49,33 @@ input byte half-written.
 
 Tasks: the session runs three — the supervisor (process exit and the timers),
 the output pump and the input pump — in its own nursery inside the registry's.
+
+Lost upstreams: the shell is restored
+-------------------------------------
+An upstream stream whose ``wait_exit`` raises :class:`~podterm.errors.UpstreamError`
+did not exit: its connection was lost (the kube upstream's apiserver link
+dropped past its retries).  For a tty session on an upstream kind listed in
+``SessionLimits.restore_upstreams`` (default: ``kube``; empty = off) and with
+a ``reopen`` callable, the session does not end:
+
+1. it reads the old stream's output to its end (flow control and timers as
+   for an exit), closes the stream, and records its context (the cwd the
+   shell last reported with OSC 7, or ``/proc/<pid>/cwd`` for local streams,
+   and the env it was started with: :meth:`UpstreamStream.capture_context`);
+2. it writes a line saying so to the output, and waits -- under the grace,
+   idle and max-age timers -- for the writer's next input or a new ``rw``
+   attach (whose ``hello.notices`` says the shell will be restarted);
+3. it opens a new stream on the same upstream and target, in that
+   directory with that environment (:func:`~podterm.session.context.restore_spec`),
+   writes ``[podterm] shell restarted in DIR after the connection to the pod
+   was lost``, and goes on: the input that triggered it goes to the new
+   shell, offsets continue, clients notice nothing else.  The next ``rw``
+   ``hello`` carries the same sentence in ``notices``.
+
+If the new stream cannot be opened, a line says why, the input is dropped,
+and the next input tries again.  Non-tty sessions (a command's output would
+be incomplete and re-running it could repeat its effects) and other upstream
+kinds end ``upstream_failed`` as before.
 """
 
 from __future__ import annotations
@@ -61,17 +88,20 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import trio
 
-from podterm.errors import BadRequestError, ConflictError, GoneError, UpstreamError
+from podterm.errors import BadRequestError, ConflictError, GoneError, PodtermError, UpstreamError
 from podterm.metrics import GatewayCounters
 from podterm.protocol.events import Drain, Hello
 from podterm.protocol.events import Gap as GapNotice
+from podterm.recording.recorder import Recorder, RecordingFailed
 from podterm.session.attachment import Attachment, Mode
+from podterm.session.context import restore_spec
 from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing
-from podterm.upstream.base import ExitStatus, OutputChannel, StreamSpec, UpstreamStream
+from podterm.upstream.base import Context, ExitStatus, OutputChannel, StreamSpec, UpstreamStream
 
 __all__ = [
     "BadOffset",
@@ -87,6 +117,30 @@ log = logging.getLogger(__name__)
 _STDOUT = int(OutputChannel.STDOUT)
 _STDERR = int(OutputChannel.STDERR)
 _EOF = int(OutputChannel.EOF)
+
+#: Restore notices kept for the next ``hello`` (older ones are dropped).
+MAX_NOTICES = 4
+
+#: Opens a new stream on the session's upstream (bound to its owner): shell restore.
+Reopen = Callable[[StreamSpec], Awaitable[UpstreamStream]]
+
+
+class SessionObserver(Protocol):
+    """Hears a session's lifecycle (the gateway's auditor: ``session.*`` audit events).
+
+    Every method is called synchronously from the session (or the relay that
+    calls it) and must not block; it is never called on the data path.
+    """
+
+    def attached(self, session: Session, att: Attachment, *, resumed: bool,
+                 gap: int) -> None: ...
+
+    def attach_refused(self, session_id: str, mode: Mode, offset: int, *, resuming: bool,
+                       exc: PodtermError, session: Session | None = None) -> None: ...
+
+    def detached(self, session: Session, att: Attachment) -> None: ...
+
+    def ended(self, session: Session) -> None: ...
 
 #: Channel switch points kept for no-tty sessions (stdout/stderr interleaved).
 #: Past this many inside the ring, later stderr bytes are labelled stdout:
@@ -135,6 +189,8 @@ class SessionLimits:
         close_timeout_s: bound on a link's close handshake.
         kill_timeout_s: bound on closing the upstream (it SIGKILLs after its
             own grace; this only stops a wedged close from holding shutdown).
+        restore_upstreams: upstream kinds whose lost tty shells are restarted
+            in their last directory (see "Lost upstreams"); empty = off.
     """
 
     ring_bytes: int = 1 << 20
@@ -150,6 +206,7 @@ class SessionLimits:
     heartbeat_max_missed: int = 2
     close_timeout_s: float = 5.0
     kill_timeout_s: float = 10.0
+    restore_upstreams: frozenset[str] = frozenset({"kube"})
 
     def __post_init__(self) -> None:
         if self.window_bytes <= 0 or self.window_bytes >= self.ring_bytes + 1:
@@ -202,6 +259,16 @@ class Session:
         stream: the started upstream stream; the session closes it.
         limits: bounds and timers.
         counters: gateway-wide counters (bytes in, gaps, ...).
+        reopen: opens a new stream on the same upstream for the same owner;
+            without it a lost upstream ends the session (see "Lost upstreams").
+        observer: told of attaches, detaches and the end (audit events).
+
+    Recording: when :attr:`recorder` is set before the session runs, every
+    output chunk is recorded *before* it enters the ring (no client sees
+    output the recording lacks; a writer that is behind slows the output
+    pump), input after it is written, and every resize.  A recording that
+    fails ends the session (``recording_failed``).  Without a recorder the
+    data path makes no call at all.
 
     Start it with ``await nursery.start(session.run)``; see the module
     docstring for states, flow control and tasks.
@@ -212,15 +279,20 @@ class Session:
         "ring", "writer_acked", "in_offset", "in_written", "resume_token", "writer", "viewers",
         "exit_status", "end_reason", "cols", "rows", "last_activity", "attaches",
         "_stream", "_counters", "_marks", "_in_chunks", "_in_pending", "_stdin_dead",
+        "_input_closed", "_input_eof_at",
         "_credit_lot", "_input_lot", "_space_lot", "_status_lot", "_eof", "_delivered",
         "_throttled",
         "_closed", "_started", "_ever_attached", "_detached_since",
         "_timer_scope", "_kill_reason", "_on_closed", "_exited_by_itself", "_drain_reason",
+        "restores", "_reopen", "_nursery", "_out_pumping", "_lost", "_lost_context",
+        "_restore_wanted", "_notices", "_watch",
+        "recorder", "_observer",
     )
 
     def __init__(self, session_id: str, *, owner: str, spec: StreamSpec, upstream_kind: str,
                  stream: UpstreamStream, limits: SessionLimits,
-                 counters: GatewayCounters) -> None:
+                 counters: GatewayCounters, reopen: Reopen | None = None,
+                 observer: SessionObserver | None = None) -> None:
         now = trio.current_time()
         self.id = session_id
         self.owner = owner
@@ -253,6 +325,8 @@ class Session:
         self._in_chunks: deque[bytes] | None = None  # made by the first input
         self._in_pending = 0
         self._stdin_dead = False
+        self._input_closed = False  # close_input(): EOF once the buffer is written
+        self._input_eof_at: int | None = None  # close_input_at(): EOF once input reaches it
         self._credit_lot = trio.lowlevel.ParkingLot()  # the output pump waits for credit
         self._input_lot = trio.lowlevel.ParkingLot()  # the input pump waits for input
         self._space_lot = trio.lowlevel.ParkingLot()  # the writer's link waits for buffer space
@@ -272,6 +346,19 @@ class Session:
         self._on_closed: list[Callable[[Session], None]] = []
         self._exited_by_itself = False  # the process exited before anything ended it
         self._drain_reason: str | None = None  # set once the gateway drains
+        #: Shells restarted after their upstream was lost.
+        self.restores = 0
+        self._reopen = reopen
+        self._nursery: trio.Nursery | None = None  # run()'s: restored streams' pumps
+        self._out_pumping = False
+        self._lost: str | None = None  # why the upstream was lost, while restoring
+        self._lost_context: Context | None = None
+        self._restore_wanted = False  # input or a writer arrived while lost
+        self._notices: deque[str] = deque(maxlen=MAX_NOTICES)
+        self._watch: Callable[[Session, bool], None] | None = None  # the store mirror
+        #: The session's recorder (set by the registry's hooks before it runs), or None.
+        self.recorder: Recorder | None = None
+        self._observer = observer
 
     # ------------------------------------------------------------------ state
 
@@ -382,15 +469,19 @@ class Session:
                     marks.append((ring.end, channel))
         ring.append(data)
         self.last_activity = trio.current_time()
+        if self._watch is not None:
+            self._watch(self, False)
         self._wake_links()
 
     async def _pump_output(self) -> None:
         """Read the upstream while the writer's window has room; the only reader of it."""
         stream = self._stream
+        self._out_pumping = True
         ring = self.ring
         window = self.limits.window_bytes
         read_bytes = self.limits.read_bytes
         park = self._credit_lot.park
+        recorder = self.recorder
         try:
             while True:
                 room = window - (ring.end - self.writer_acked)
@@ -400,6 +491,8 @@ class Session:
                     self._throttled = True
                     self._status_lot.unpark_all()  # the exit drain must know
                     await park()
+                    if stream is not self._stream:
+                        break  # replaced by a restored stream (defensive: never while reading)
                     continue
                 if self._throttled:
                     self._throttled = False
@@ -407,11 +500,19 @@ class Session:
                 channel, data = await stream.receive_some(min(room, read_bytes))
                 if channel == _EOF:
                     break
+                if recorder is not None:
+                    # Recorded before it enters the ring: no client ever sees
+                    # output the recording lacks (waits while the writer is behind).
+                    await recorder.output(data)
                 self._append_output(channel, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the upstream went away: its output is over
+        except RecordingFailed:
+            self.kill("recording_failed")  # fail closed: never run on unrecorded
         finally:
-            self._eof = True
+            if stream is self._stream:
+                self._eof = True
+            self._out_pumping = False
             self._status_lot.unpark_all()
             self._wake_links()
 
@@ -429,6 +530,8 @@ class Session:
         if attachment is self.writer and offset > self.writer_acked:
             self.writer_acked = offset
             self._credit_lot.unpark_all()
+            if self._watch is not None:
+                self._watch(self, False)
         attachment.wake()  # more link credit
 
     # ------------------------------------------------------------ input side
@@ -453,7 +556,7 @@ class Session:
         while data:
             if attachment is not self.writer or self._closed:
                 return
-            if self._stdin_dead:
+            if self._stdin_dead or self._input_closed:
                 # The process no longer reads input: acknowledge and discard,
                 # so the client's buffer empties instead of growing.
                 n = len(data)
@@ -466,6 +569,9 @@ class Session:
                 await self._space_lot.park()
                 continue
             piece = data if len(data) <= space else data[:space]
+            eof_at = self._input_eof_at
+            if eof_at is not None and len(piece) > eof_at - self.in_offset:
+                piece = piece[:eof_at - self.in_offset]  # what follows is past the EOF
             data = data[len(piece):]
             chunks = self._in_chunks
             if chunks is None:
@@ -473,21 +579,47 @@ class Session:
             chunks.append(piece)
             self._in_pending += len(piece)
             self.in_offset += len(piece)
+            if self._lost is not None and not self._restore_wanted:
+                self._restore_wanted = True  # "on the user's next input": restore now
+                self._status_lot.unpark_all()
             self._counters.bytes_in += len(piece)
+            if self._watch is not None:
+                self._watch(self, False)
             self.last_activity = trio.current_time()
             self._input_lot.unpark_all()
+            if eof_at is not None and self.in_offset >= eof_at:
+                self.close_input()  # the client's EOF offset is reached
 
     async def _pump_input(self) -> None:
         """Write accepted input to the upstream, in order; the only writer of it."""
         stream = self._stream
+        recorder = self.recorder
+        if recorder is not None and not recorder.record_input:
+            recorder = None  # input is not recorded: no call per piece
         while True:
+            if stream is not self._stream or self._lost is not None:
+                return  # lost: what is buffered waits for the restored shell's pump
             chunks = self._in_chunks
             if not chunks:
+                if self._input_closed:
+                    # Everything accepted is written: now the process sees EOF.
+                    try:
+                        await stream.close_stdin()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    except UpstreamError:
+                        return  # lost (the supervisor restores or ends the session)
+                    self._stdin_dead = True
+                    return
                 await self._input_lot.park()
                 continue
             piece = chunks[0]
             try:
                 await stream.send_stdin(piece)
+            except UpstreamError:
+                # The connection was lost: the piece stays first in the buffer
+                # and goes to the restored shell (or nowhere, if the session ends).
+                return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # The process closed its input or is gone: what is buffered
                 # can never be written.  Count it as handled, from now on too.
@@ -505,6 +637,46 @@ class Session:
             self._space_lot.unpark_all()
             if self.writer is not None:
                 self.writer.wake()  # an input ACK is due
+            if recorder is not None:
+                # After the write: a piece retried after a lost upstream is recorded once.
+                try:
+                    await recorder.input(piece)
+                except RecordingFailed:
+                    self.kill("recording_failed")
+                    return
+
+    def close_input(self) -> None:
+        """End the process's input once every byte accepted so far is written.
+
+        The input pump writes what is buffered, then calls the stream's
+        ``close_stdin()`` (pipe: EOF; tty: the EOF character).  Input offered
+        afterwards is acknowledged and discarded.  Idempotent.  (The v5
+        ``FF 00`` of a kubectl client, and exec without stdin.)
+        """
+        self._input_closed = True
+        self._input_lot.unpark_all()
+
+    def close_input_at(self, offset: int) -> None:
+        """podterm.v1 ``stdin_eof``: close the input once input offset ``offset`` is accepted.
+
+        ``offset`` is the client's total input at its EOF.  At or below what
+        was accepted already, :meth:`close_input` applies now; beyond it, the
+        EOF waits until input reaches ``offset`` (bytes past it are discarded,
+        as after any EOF).  Once an EOF is recorded, later calls (a resumed
+        client re-sending it) change nothing.  ``hello.stdin_closed`` tells a
+        resuming client whether it still has to send it.
+        """
+        if self._input_closed or self._input_eof_at is not None:
+            return  # a repeat: the first EOF stands
+        if offset <= self.in_offset:
+            self.close_input()
+        else:
+            self._input_eof_at = offset
+
+    @property
+    def input_closed(self) -> bool:
+        """True once the process's input is being closed (``hello.stdin_closed``)."""
+        return self._input_closed
 
     def resize(self, cols: int, rows: int) -> None:
         """Set the terminal size; 0 in either keeps that dimension (docs/protocol.md §4)."""
@@ -515,6 +687,8 @@ class Session:
         self.cols, self.rows = cols, rows
         if self._closed or self.is_exited:
             return
+        if self.recorder is not None:
+            self.recorder.resize(cols, rows)
         try:
             self._stream.resize(cols, rows)
         except (OSError, ValueError, trio.ClosedResourceError) as exc:
@@ -523,6 +697,23 @@ class Session:
     # ----------------------------------------------------------- attachments
 
     def attach(self, mode: Mode, offset: int, resume_token: str | None) -> Attachment:
+        """Attach a client (:meth:`_attach`); the observer hears of it or of the refusal."""
+        observer = self._observer
+        if observer is None:
+            return self._attach(mode, offset, resume_token)
+        # A writer with the token, after someone was attached: resuming after a drop.
+        resuming = mode is Mode.RW and resume_token is not None and self._ever_attached
+        try:
+            att = self._attach(mode, offset, resume_token)
+        except PodtermError as exc:
+            observer.attach_refused(self.id, mode, offset, resuming=resuming, exc=exc,
+                                    session=self)
+            raise
+        observer.attached(self, att, resumed=resuming and att.resumed,
+                          gap=max(0, att.sent - offset))
+        return att
+
+    def _attach(self, mode: Mode, offset: int, resume_token: str | None) -> Attachment:
         """Attach a client; it gets ``hello`` (and ``gap``) queued, then replay and live output.
 
         Args:
@@ -560,6 +751,7 @@ class Session:
         att = Attachment(self, mode, offset, self.in_offset, ring.end)
         att.resumed = token_ok
         token: str | None = None
+        notices = self._hello_notices(mode)
         if mode is Mode.RW:
             self.writer = att
             self._ever_attached = True
@@ -570,6 +762,8 @@ class Session:
                 self.writer_acked = offset
                 self._credit_lot.unpark_all()
             self._retime()
+            if self._watch is not None:
+                self._watch(self, True)  # a new resume token, and maybe a new state
         else:
             self.viewers.append(att)
         self.attaches += 1
@@ -584,7 +778,8 @@ class Session:
             state="exited" if self.is_exited else "running", mode=mode.value,
             out_offset=start, ring_start=ring.start, in_acked=self.in_offset,
             cols=self.cols, rows=self.rows, window=limits.window_bytes,
-            heartbeat_s=limits.heartbeat_interval_s))
+            heartbeat_s=limits.heartbeat_interval_s, notices=notices,
+            stdin_closed=self._input_closed))
         if gap is not None:
             att.notify(gap)
             att.sent = att.acked = start
@@ -596,6 +791,19 @@ class Session:
             att.request_close(1001, "gateway draining: reconnect and resume")
         return att
 
+    def _hello_notices(self, mode: Mode) -> tuple[str, ...]:
+        """Restore notices for a ``hello``; a writer's attach also triggers a pending restore."""
+        notices = list(self._notices)
+        if mode is Mode.RW:
+            self._notices.clear()  # the writer has been told
+        if self._lost is not None:
+            where = "" if self._lost_context is None else f"{_where(self._lost_context)} "
+            notices.append(f"the connection to the pod was lost; a new shell starts {where}now")
+            if mode is Mode.RW and not self._restore_wanted:
+                self._restore_wanted = True  # "on the next attach": restore now
+                self._status_lot.unpark_all()
+        return tuple(notices)
+
     def detach(self, attachment: Attachment) -> None:
         """Remove ``attachment`` (its connection ended).  The session keeps running."""
         if attachment is self.writer:
@@ -603,11 +811,16 @@ class Session:
             self._detached_since = trio.current_time()
             self._retime()
             self._space_lot.unpark_all()
+            if self._watch is not None:
+                self._watch(self, True)  # detached
         else:
             try:
                 self.viewers.remove(attachment)
             except ValueError:
                 pass
+        # A link that closed because the session ended (EXIT sent) did not leave it.
+        if self._observer is not None and not self._closed and not attachment.exit_sent:
+            self._observer.detached(self, attachment)
 
     def exit_delivered(self, attachment: Attachment) -> None:
         """The writer received EXIT (it answered the CLOSE that followed): the session may end."""
@@ -695,15 +908,27 @@ class Session:
                 return reason
 
     async def _supervise(self) -> str:
-        stream = self._stream
-        status: list[ExitStatus] = []
+        while True:
+            stream = self._stream
+            status: list[ExitStatus] = []
 
-        async def wait_exit() -> None:
-            status.append(await stream.wait_exit())
+            async def wait_exit() -> None:
+                status.append(await stream.wait_exit())  # noqa: B023 - awaited in this round
 
-        reason = await self._wait_timed(wait_exit)
-        if reason is not None:
-            return reason
+            try:
+                reason = await self._wait_timed(wait_exit)
+            except UpstreamError as exc:
+                if not self._can_restore():
+                    raise
+                reason = await self._restore(stream, exc)
+                if reason is not None:
+                    return reason
+                continue  # supervise the restored stream
+            if reason is not None:
+                return reason
+            return await self._after_exit(stream, status[0])
+
+    async def _after_exit(self, stream: UpstreamStream, exit_status: ExitStatus) -> str:
         # The process exited.  Its output may still be in flight, or held by a
         # background job that keeps the terminal open: read on for a bounded
         # time, then kill the rest.  The bound runs only while the pump reads:
@@ -734,8 +959,10 @@ class Session:
             with trio.move_on_after(self.limits.kill_timeout_s):
                 await self._wait_status(eof)
             self._eof = True
-        self.exit_status = status[0]
+        self.exit_status = exit_status
         self._exited_by_itself = True
+        if self._watch is not None:
+            self._watch(self, True)  # exited
         log.debug("session.exited %s: %s", self.id, self.exit_status.reason)
         self._status_lot.unpark_all()
         self._wake_links()  # EXIT goes out after the last byte
@@ -752,6 +979,8 @@ class Session:
         reason = "shutdown"
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._out_pumping = True
                 nursery.start_soon(self._pump_output)
                 nursery.start_soon(self._pump_input)
                 task_status.started()
@@ -765,13 +994,19 @@ class Session:
             reason = "upstream_failed" if failed else "internal_error"
             log.error("session.run.failed %s: %s", self.id, reason, exc_info=exc)
         finally:
+            self._nursery = None
             self.end_reason = reason
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self.limits.kill_timeout_s):
                     await self._stream.aclose()
                 if self.exit_status is None:
                     with trio.move_on_after(1.0):
-                        self.exit_status = await self._stream.wait_exit()
+                        try:
+                            self.exit_status = await self._stream.wait_exit()
+                        except UpstreamError:
+                            pass  # lost: no status to report (must not end the registry)
+                if self.recorder is not None:
+                    await self.recorder.aclose()  # the writer finishes the file (bounded)
             self._closed = True
             self._eof = True
             GatewayCounters.bump(self._counters.sessions_ended, reason)
@@ -782,9 +1017,151 @@ class Session:
                     att.request_close(4410, f"session ended ({reason})")
             self._space_lot.unpark_all()
             self._status_lot.unpark_all()
+            if self._observer is not None:
+                self._observer.ended(self)
             for callback in self._on_closed:
                 callback(self)
+
+    # ---------------------------------------------------- lost upstreams
+
+    @property
+    def lost(self) -> str | None:
+        """Why the upstream was lost, while the session waits to restore the shell."""
+        return self._lost
+
+    def _can_restore(self) -> bool:
+        return (self._reopen is not None and self.spec.tty and not self._closed
+                and self._kill_reason is None and self._nursery is not None
+                and self.upstream_kind in self.limits.restore_upstreams)
+
+    async def _notice_output(self, text: str) -> None:
+        """A line of our own in the output, on its own line (the shell's is dead).
+
+        Recorded like shell output (before it enters the ring).
+        """
+        data = f"\r\n[podterm] {text}\r\n".encode("utf-8", "replace")
+        if self.recorder is not None:
+            try:
+                await self.recorder.output(data)
+            except RecordingFailed:
+                self.kill("recording_failed")
+                return
+        self._append_output(_STDOUT, data)
+
+    def _discard_input(self) -> None:
+        """Drop buffered input (as handled): no shell will ever read it."""
+        if self._in_chunks:
+            self._in_chunks.clear()
+        self._in_pending = 0
+        self.in_written = self.in_offset
+        self._space_lot.unpark_all()
+        if self.writer is not None:
+            self.writer.wake()
+
+    async def _restore(self, old: UpstreamStream, exc: UpstreamError) -> str | None:
+        """The upstream of ``old`` was lost: restart the shell (see "Lost upstreams").
+
+        Returns None once a new stream runs, or the reason the session ends.
+        """
+        self._lost = exc.message or type(exc).__name__
+        self._restore_wanted = False
+        log.warning("session.upstream.lost %s: %s", self.id, self._lost)
+        # 1. Every output byte of the old stream first (exactly once, in order).
+        while self._out_pumping:
+            if self._throttled:
+                reason = await self._wait_timed(lambda: self._wait_status(
+                    lambda: not self._out_pumping or not self._throttled))
+                if reason is not None:
+                    return reason
+                continue
+            with trio.move_on_after(self.limits.exit_drain_s) as drain:
+                await self._wait_status(lambda: not self._out_pumping or self._throttled)
+            if drain.cancelled_caught:
+                break
+        try:
+            context = old.capture_context()
+        except Exception as cexc:  # noqa: BLE001 - a broken stream must not end the session
+            log.info("session.context.failed %s: %s", self.id, cexc)
+            context = Context(cwd=None, env=dict(self.spec.env))
+        with trio.move_on_after(self.limits.kill_timeout_s):
+            await old.aclose()
+        with trio.move_on_after(self.limits.kill_timeout_s):
+            await self._wait_status(lambda: not self._out_pumping)
+        if self._out_pumping:
+            log.error("session.restore.failed %s: the lost stream's reader did not stop", self.id)
+            return "upstream_failed"
+        self._lost_context = context
+        self._stdin_dead = False  # the next shell reads input again
+        where = _where(context)
+        await self._notice_output(f"the connection to the pod was lost; press a key to "
+                                  f"start a new shell {where}")
+        self._status_lot.unpark_all()  # waiters on state (nothing ended)
+        # 2. Wait for the writer's next input or attach (or a timer, a kill).
+        if self._in_pending:
+            self._restore_wanted = True  # input was waiting already
+        while True:
+            reason = await self._wait_timed(lambda: self._wait_status(
+                lambda: self._restore_wanted))
+            if reason is not None:
+                return reason
+            spec = restore_spec(replace(self.spec, cols=self.cols, rows=self.rows), context)
+            opened: list[UpstreamStream | UpstreamError] = []
+            reopen = self._reopen
+            assert reopen is not None
+
+            async def open_new() -> None:
+                try:
+                    opened.append(await reopen(spec))  # noqa: B023 - awaited in this round
+                except UpstreamError as oexc:
+                    opened.append(oexc)  # noqa: B023 - awaited in this round
+
+            reason = await self._wait_timed(open_new)
+            if reason is not None:
+                return reason
+            result = opened[0]
+            if isinstance(result, UpstreamError):
+                log.warning("session.restore.failed %s: %s", self.id, result.message)
+                self._restore_wanted = False
+                self._discard_input()
+                await self._notice_output(f"could not start a new shell: {result.message}; "
+                                          "press a key to try again")
+                continue
+            break
+        # 3. The new shell takes over.
+        note = f"shell restarted {where} after the connection to the pod was lost"
+        self._stream = result
+        self._lost = None
+        self._restore_wanted = False
+        self._eof = False
+        self.restores += 1
+        self._notices.append(note)
+        await self._notice_output(note)
+        log.info("session.restore.complete %s: %s", self.id, note)
+        nursery = self._nursery
+        assert nursery is not None
+        self._out_pumping = True
+        nursery.start_soon(self._pump_output)
+        nursery.start_soon(self._pump_input)
+        self._credit_lot.unpark_all()
+        return None
+
+    def watch(self, callback: Callable[[Session, bool], None]) -> None:
+        """Call ``callback(session, urgent)`` on every change the session store mirrors.
+
+        ``urgent`` is False for offsets (output, input, the writer's ACK: many
+        a second; the store mirror throttles them) and True for a new resume
+        token or state (attach, detach, exit).  The callback must not block
+        or raise: it runs on the output path.  One watcher; the last one wins.
+        """
+        self._watch = callback
 
     def on_closed(self, callback: Callable[[Session], None]) -> None:
         """Call ``callback(session)`` once the session has ended (the registry's hook)."""
         self._on_closed.append(callback)
+
+
+def _where(context: Context | None) -> str:
+    """``in /tmp/x`` for a known directory, else a phrase saying it is unknown."""
+    if context is not None and context.cwd:
+        return f"in {context.cwd}"
+    return "(in its default directory: the old one was not known)"

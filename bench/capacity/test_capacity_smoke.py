@@ -1,0 +1,42 @@
+"""CI smoke run of the capacity benchmark at its tiny size (8 PTY sessions, 2 load generators).
+
+Checks the whole path the real run takes: sessions opened from two
+127.0.0.x source addresses, memory read from /proc, keystrokes typed and
+echoed, every session echoing at the end, JSON written.  No plot is asked
+for unless matplotlib is installed (it is in the ``bench`` extra, not ``test``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parent / "run.py"
+
+
+def test_capacity_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    plot = tmp_path / "latency.png"
+    proc = subprocess.run([sys.executable, str(RUN), "--tiny", "--out", str(out),
+                           "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    steps = doc["steps"]
+    assert [s["sessions"] for s in steps] == [4, 8]
+    for step in steps:
+        assert step["failed"] == 0
+        assert step["keys"] > 0 and step["echoed"] == step["keys"]
+        assert step["latency"]["p50"] > 0
+        assert step["gateway_rss"] > 0 and math.isfinite(step["gateway_rss_per_session"])
+        assert step["shells"]["processes"] == step["sessions"]
+    assert doc["echo_all"] == {**doc["echo_all"], "echoed": 8, "total": 8}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert doc["plot"] is None
+    else:
+        assert plot.stat().st_size > 0

@@ -1,0 +1,29 @@
+"""CI smoke run of the handshake benchmark at its tiny size.
+
+Both servers must accept the bearer token (101 and a first message) and
+refuse a wrong one (401), and both must complete handshakes in the timed
+rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parent / "run.py"
+
+
+def test_handshake_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "handshake.json"
+    proc = subprocess.run([sys.executable, str(RUN), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["auth_checks"] == {"podterm": [101, 401], "tws": [101, 401]}
+    for name in ("podterm", "tws"):
+        summary = doc["summary"][name]
+        assert summary["rate"] > 0, summary
+        assert summary["errors"] == 0, summary
+    assert doc["ratio"] > 0
