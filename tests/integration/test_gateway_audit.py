@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+import trio.testing
 
 from podterm.audit import AuditEvent, FanOutSink, JsonLinesFileSink, MemorySink
 from podterm.config import AuditConfig, AuthConfig
@@ -300,10 +301,19 @@ async def test_events_from_synchronous_code_wait_in_order_when_the_buffer_is_ful
         await sink.batcher.limiter.acquire()  # the disk hangs
         for i in range(10):  # an attach, a detach, a session's end: none may block
             auditor.emit_nowait("admin.action", action=f"a{i}")
-        await auditor.emit("admin.action", action="after")  # waits behind them
-        assert sink.batcher.statistics().buffered_records <= 4
+        emitted = trio.Event()
+
+        async def emit_after() -> None:
+            await auditor.emit("admin.action", action="after")  # waits behind them
+            emitted.set()
+
+        nursery.start_soon(emit_after)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not emitted.is_set()
+        assert sink.batcher.statistics().buffered_records == 4  # the rest wait in order
         sink.batcher.limiter.release()
         with trio.fail_after(WAIT_S):
+            await emitted.wait()
             await auditor.aclose()
     actions = [AuditEvent.from_json(line).details["action"]
                for line in path.read_bytes().splitlines()]
