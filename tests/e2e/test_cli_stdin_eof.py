@@ -107,3 +107,18 @@ def test_redirected_file_then_the_commands_own_status(cli_env: dict[str, str],
 def test_empty_stdin_is_an_immediate_eof(cli_env: dict[str, str]) -> None:
     done = _podterm(cli_env, "exec", "-i", "local", "--", "wc", "-c", stdin=subprocess.DEVNULL)
     assert (done.returncode, done.stdout.strip()) == (0, b"0"), done.stderr
+
+
+def test_input_and_output_far_beyond_one_window_do_not_deadlock(cli_env: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    # podterm exec -i local -- cat < 4MB-file: input and output both many windows long.
+    # This stalled at ~420 KB while the session's input buffer (64 KiB) was smaller
+    # than the input window (256 KiB) the client may fill: the gateway stopped
+    # reading the link, so the client's output ACKs queued behind input.
+    data = b"".join(b"line %07d of a long input\n" % i for i in range(150_000))
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    with path.open("rb") as stdin:
+        done = _podterm(cli_env, "exec", "-i", "local", "--", "cat", stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == data

@@ -177,8 +177,12 @@ class SessionLimits:
         read_bytes: most bytes asked of the upstream per read (64 KiB: a
             PTY rarely returns more than 4 KiB, pipes 64 KiB).
         input_buffer_bytes: accepted input not yet written to the upstream;
-            beyond it the writer's link stops being read (64 KiB: one pipe
-            buffer, far more than anyone types).
+            beyond it the writer's link stops being read.  It must hold at
+            least one ``window_bytes``: the client may have a whole window of
+            input in flight (docs/protocol.md §6), and if the buffer filled
+            first the link would stop being read while ACKs and PINGs queue
+            behind that input, which deadlocks a session that is both fed
+            and printing (``exec -i ... cat < big-file``).  0 = one window.
         grace_s: how long a session without a writer lives (10 min).
         idle_timeout_s: end after this long without input or output; 0 = off.
         max_age_s: end any session this old; 0 = off.
@@ -197,7 +201,7 @@ class SessionLimits:
     ring_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     window_bytes: int = 256 * 1024
     read_bytes: int = 65536
-    input_buffer_bytes: int = 65536
+    input_buffer_bytes: int = 0
     grace_s: float = 600.0
     idle_timeout_s: float = 0.0
     max_age_s: float = 0.0
@@ -215,8 +219,11 @@ class SessionLimits:
         if self.ring_bytes % self.ring_chunk_bytes:
             raise ValueError(f"ring_bytes={self.ring_bytes} must be a multiple of "
                              f"ring_chunk_bytes={self.ring_chunk_bytes}")
-        if self.read_bytes <= 0 or self.input_buffer_bytes <= 0:
-            raise ValueError("read_bytes and input_buffer_bytes must be positive")
+        if self.input_buffer_bytes == 0:
+            object.__setattr__(self, "input_buffer_bytes", self.window_bytes)
+        if self.read_bytes <= 0 or self.input_buffer_bytes < self.window_bytes:
+            raise ValueError(f"read_bytes must be positive and input_buffer_bytes="
+                             f"{self.input_buffer_bytes} at least window_bytes={self.window_bytes}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_max_missed < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_max_missed >= 1")
 
