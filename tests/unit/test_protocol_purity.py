@@ -1,4 +1,4 @@
-"""The sans-IO rule (HELPERS.md, STYLE §1): nothing under podterm.protocol does I/O or reads a clock.
+"""The sans-IO rule (STYLE.md §1): nothing under podterm.protocol does I/O or reads a clock.
 
 Every module is parsed with ``ast`` (not imported), so the check also covers
 modules no test imports, and cannot be fooled by an import inside a function.
