@@ -606,18 +606,7 @@ class Agent(StreamHost):
                     del self._dirty[sid]
         now = trio.current_time()
         if self._ack_timer_at is not None and now >= self._ack_timer_at:
-            for sid in list(self._ack_timer):
-                if sid not in mux:
-                    self._ack_timer.discard(sid)
-                    continue
-                offset = mux.consumed(sid, 0, now)
-                if offset is not None:
-                    self._acks[sid] = offset
-                    self._ack_timer.discard(sid)
-                else:
-                    stats = mux.stream_statistics(sid)
-                    if stats.ack_sent >= stats.received - stats.buffered:
-                        self._ack_timer.discard(sid)
+            self._acks.update(mux.poll_acks_of(self._ack_timer, now))
             self._ack_timer_at = now + self.options.ack_interval_s if self._ack_timer else None
         if self._acks:
             for sid, offset in self._acks.items():

@@ -908,6 +908,29 @@ class TunnelMux:
                 due.append((sid, offset))
         return due
 
+    def poll_acks_of(self, waiting: set[int], now: float) -> dict[int, int]:
+        """Timer for just the streams in ``waiting``: ``{stream_id: offset}`` ACKs due now.
+
+        Unlike :meth:`poll_acks` this touches only the streams a caller has marked,
+        so a timer tick costs nothing for idle streams.  Every stream that no longer
+        needs the timer is removed from ``waiting``: gone, ACKed now, or with
+        nothing consumed left unacknowledged.
+        """
+        due: dict[int, int] = {}
+        for sid in list(waiting):
+            if sid not in self:
+                waiting.discard(sid)
+                continue
+            offset = self.consumed(sid, 0, now)
+            if offset is not None:
+                due[sid] = offset
+                waiting.discard(sid)
+            else:
+                stats = self.stream_statistics(sid)
+                if stats.ack_sent >= stats.received - stats.buffered:
+                    waiting.discard(sid)  # nothing consumed is unacknowledged
+        return due
+
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`poll_acks` has something to return (None: never)."""
         deadlines = [d for s in self._streams.values()

@@ -758,18 +758,7 @@ class _Tunnel:
                     del self.dirty[sid]
         now = trio.current_time()
         if self.ack_timer_at is not None and now >= self.ack_timer_at:
-            for sid in list(self.ack_timer):
-                if sid not in mux:
-                    self.ack_timer.discard(sid)
-                    continue
-                offset = mux.consumed(sid, 0, now)
-                if offset is not None:
-                    self.acks[sid] = offset
-                    self.ack_timer.discard(sid)
-                else:
-                    stats = mux.stream_statistics(sid)
-                    if stats.ack_sent >= stats.received - stats.buffered:
-                        self.ack_timer.discard(sid)  # nothing consumed is unacknowledged
+            self.acks.update(mux.poll_acks_of(self.ack_timer, now))
             self.ack_timer_at = (now + self.upstream.options.ack_interval_s
                                  if self.ack_timer else None)
         if self.acks:
