@@ -45,7 +45,7 @@ import trio
 from podterm.errors import UpstreamError
 from podterm.protocol.events import Exit, Gap, ResumeEntry
 from podterm.protocol.offsets import ReplayRange
-from podterm.session.ring import OutputRing
+from podterm.session.ring import OutputRing, channel_runs
 from podterm.upstream.base import ExitStatus, OutputChannel, StreamSpec, UpstreamStream
 from podterm.upstream.local import LocalUpstream
 
@@ -217,7 +217,7 @@ class AgentStream:
         start = self.sent
         stop = min(self.ring.end, start + n)
         pieces: list[tuple[int, bytes]] = []
-        for run_start, run_end, channel in self._runs(start, stop):
+        for run_start, run_end, channel in channel_runs(self._marks, start, stop, _STDOUT):
             pos = run_start
             while pos < run_end:
                 chunk = self.ring.read_from(pos, min(SEND_CHUNK_BYTES, run_end - pos))
@@ -230,26 +230,6 @@ class AgentStream:
                 pos += len(chunk)
         self.sent = stop
         return pieces
-
-    def _runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        marks = self._marks
-        if not marks:
-            return [(start, end, _STDOUT)]
-        runs: list[tuple[int, int, int]] = []
-        channel = _STDOUT
-        pos = start
-        for offset, ch in marks:
-            if offset <= start:
-                channel = ch
-                continue
-            if offset >= end:
-                break
-            if ch != channel:
-                runs.append((pos, offset, channel))
-                pos = offset
-                channel = ch
-        runs.append((pos, end, channel))
-        return runs
 
     def on_ack(self, offset: int) -> None:
         """The gateway consumed output up to ``offset`` (the mux validated it)."""

@@ -19,11 +19,12 @@ Pure data structure: no I/O, no clock, no locks (trio tasks do not preempt).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..protocol._types import Buffer
 
-__all__ = ["Gap", "OutputRing", "RingStatistics"]
+__all__ = ["Gap", "OutputRing", "RingStatistics", "channel_runs"]
 
 # 1 MiB: the per-session default in ARCHITECTURE.md ("Sessions").  Enough to
 # replay a few full screens of a busy build log after a laptop sleeps.
@@ -31,6 +32,33 @@ DEFAULT_CAPACITY_BYTES = 1 << 20
 # 4 KiB: one page; a shell prompt plus a few commands' output fits in one chunk,
 # which keeps an idle session well inside issue 9's 12 KiB-per-session budget.
 DEFAULT_CHUNK_BYTES = 4096
+
+
+def channel_runs(marks: Iterable[tuple[int, int]] | None, start: int, end: int,
+                 default: int = 1) -> list[tuple[int, int, int]]:
+    """Split ring offsets ``[start, end)`` into ``(from, to, channel)`` runs.
+
+    ``marks`` are ``(offset, channel)`` pairs in offset order, each saying that
+    output from ``offset`` on came from ``channel`` (STDOUT 1 / STDERR 2, as the
+    process wrote them); ``None`` or empty means everything is ``default``.
+    """
+    if not marks:
+        return [(start, end, default)]
+    runs: list[tuple[int, int, int]] = []
+    channel = default
+    pos = start
+    for offset, ch in marks:
+        if offset <= start:
+            channel = ch
+            continue
+        if offset >= end:
+            break
+        if ch != channel:
+            runs.append((pos, offset, channel))
+            pos = offset
+            channel = ch
+    runs.append((pos, end, channel))
+    return runs
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,7 +100,7 @@ from podterm.protocol.events import Gap as GapNotice
 from podterm.recording.recorder import Recorder, RecordingFailed
 from podterm.session.attachment import Attachment, Mode
 from podterm.session.context import restore_spec
-from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing
+from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing, channel_runs
 from podterm.upstream.base import Context, ExitStatus, OutputChannel, StreamSpec, UpstreamStream
 
 __all__ = [
@@ -442,24 +442,7 @@ class Session:
         Every run is STDOUT for a tty session; no-tty sessions interleave
         STDOUT and STDERR as the process wrote them.
         """
-        marks = self._marks
-        if not marks:
-            return [(start, end, _STDOUT)]
-        runs: list[tuple[int, int, int]] = []
-        channel = _STDOUT
-        pos = start
-        for offset, ch in marks:
-            if offset <= start:
-                channel = ch
-                continue
-            if offset >= end:
-                break
-            if ch != channel:
-                runs.append((pos, offset, channel))
-                pos = offset
-                channel = ch
-        runs.append((pos, end, channel))
-        return runs
+        return channel_runs(self._marks, start, end, _STDOUT)
 
     def _append_output(self, channel: int, data: bytes) -> None:
         ring = self.ring
