@@ -26,10 +26,12 @@ extras=""
 [[ $WANT_TEST == 1 ]] && extras="[test]"
 deps_key="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)$extras"
 if ! stamp_ok deps "$deps_key"; then
-    log "installing build tools and podterm$extras (editable)"
-    "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 'Cython>=3.0'
-    PODTERM_NATIVE=require "$VPY" -m pip install -q --disable-pip-version-check \
-        --no-build-isolation -e ".$extras"
+    log "installing build tools and podterm$extras (editable; pip's log: .state/pip.log)"
+    {
+        "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 'Cython>=3.0' &&
+        PODTERM_NATIVE=require "$VPY" -m pip install -q --disable-pip-version-check \
+            --no-build-isolation -e ".$extras"
+    } >"$STATE/pip.log" 2>&1 || { grep -v '^WARNING: Location' "$STATE/pip.log" >&2; exit 1; }
     stamp_set deps "$deps_key"
 fi
 

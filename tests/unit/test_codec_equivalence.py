@@ -313,6 +313,7 @@ def run(impl: Any, kwargs: dict[str, Any], chunks: list[Any]) -> list[tuple[Any,
 # -- the properties ------------------------------------------------------------
 
 
+@pytest.mark.timeout(1200)  # 10,000 examples: ~90 s alone, several times that on a busy box
 @settings(max_examples=STREAM_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios())
