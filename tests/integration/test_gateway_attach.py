@@ -260,9 +260,8 @@ async def test_detach_leaves_the_session_running(gateway: GatewayUnderTest) -> N
         await client.wait_hello()
         await client.send_detach()
         assert await client.wait_closed() == 1000
-        await trio.testing.wait_all_tasks_blocked()
         session = gateway.registry.get(created["id"])
-        assert session.state is SessionState.DETACHED
+        assert await session.wait_state(SessionState.DETACHED) is SessionState.DETACHED
         got = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
         assert got.json["state"] == "detached" and got.json["writers"] == 0
         await _finish(gateway, created["id"])
@@ -293,9 +292,9 @@ async def test_dead_heartbeat_detaches_the_session(make_gateway: GatewayFactory)
             raw += chunk
         await client.ws.stream.aclose()
         assert raw.count(b"\x89\x08") >= 2  # at least two unanswered PINGs came
-        await trio.testing.wait_all_tasks_blocked()
         session = gateway.registry.get(created["id"])
-        assert session.state is SessionState.DETACHED  # detached, not ended
+        # detached, not ended
+        assert await session.wait_state(SessionState.DETACHED) is SessionState.DETACHED
         assert gateway.gw.counters.snapshot().heartbeat_failures == 1
         await _finish(gateway, created["id"])
 

@@ -752,6 +752,7 @@ class Session:
                 self.writer_acked = offset
                 self._credit_lot.unpark_all()
             self._retime()
+            self._status_lot.unpark_all()  # wait_state(RUNNING)
             if self._watch is not None:
                 self._watch(self, True)  # a new resume token, and maybe a new state
         else:
@@ -801,6 +802,7 @@ class Session:
             self._detached_since = trio.current_time()
             self._retime()
             self._space_lot.unpark_all()
+            self._status_lot.unpark_all()  # wait_state(DETACHED)
             if self._watch is not None:
                 self._watch(self, True)  # detached
         else:
@@ -844,6 +846,12 @@ class Session:
     async def wait_closed(self) -> None:
         """Wait until the session has ended (the caller bounds the wait)."""
         await self._wait_status(lambda: self._closed)
+
+    async def wait_state(self, *states: SessionState) -> SessionState:
+        """Wait until :attr:`state` is one of ``states`` (or the session ended); return it.
+        The caller bounds the wait."""
+        await self._wait_status(lambda: self._closed or self.state in states)
+        return self.state
 
     async def _wait_status(self, condition: Callable[[], bool]) -> None:
         await trio.lowlevel.checkpoint()
