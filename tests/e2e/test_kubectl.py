@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -41,6 +40,7 @@ from tests.helpers.kubectl import (
     KubectlResult,
     kubectl_binary,
 )
+from tests.helpers.tmux import Tmux, tmux_session
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +50,6 @@ USER_TOKEN = "bob-" + secrets.token_hex(8)
 #: The dispatcher and every versioned kubectl podterm supports (spec §10).
 BINARIES = ("dispatcher", *SUPPORTED_MINORS)
 READY_TIMEOUT_S = 20.0
-TMUX = "/usr/bin/tmux"
-SCREEN_WAIT_S = 15.0
 
 
 def gateway_env() -> dict[str, str]:
@@ -242,6 +240,27 @@ def test_client_certificates_authenticate_kubectl(https_gateway: GatewayProcess,
     assert 'Error from server (Forbidden): pods "mypod" is forbidden: User "carol"' in carol.err
 
 
+@pytest.mark.parametrize("version", ["dispatcher", SUPPORTED_MINORS[0]])
+def test_kubectl_uses_podterms_client_cert_kubeconfig(https_gateway: GatewayProcess,
+                                                      tmp_path: Path, version: str) -> None:
+    # `podterm kubeconfig --client-cert --client-key` (no token anywhere: gateway_env
+    # drops PODTERM_*) is the kubeconfig kubectl runs with, as it was printed.
+    pki = https_gateway.pki_dir
+    printed = subprocess.run(
+        [sys.executable, "-m", "podterm", "kubeconfig", "--server", https_gateway.url,
+         "--ca", str(https_gateway.ca_path), "--client-cert", str(pki / "client-admin.crt"),
+         "--client-key", str(pki / "client-admin.key")],
+        env=gateway_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+        timeout=30, check=False)
+    assert (printed.returncode, printed.stderr) == (0, b""), printed.stderr.decode()
+    assert b"client-certificate-data" in printed.stdout and b"token" not in printed.stdout
+    kc = Kubectl(tmp_path / "kubectl", server_url=https_gateway.url,
+                 binary=kubectl_binary(version))
+    kc.kubeconfig.write_bytes(printed.stdout)  # replaces the helper's
+    result = kc.run("exec", "mypod", "--", "echo", "hi")
+    assert (result.returncode, result.stdout) == (0, b"hi\n"), explain(result, https_gateway)
+
+
 def test_attach_runs_the_pods_shell(kubectl: KubectlFactory,
                                     https_gateway: GatewayProcess) -> None:
     result = kubectl("dispatcher").run("attach", "-i", "mypod",
@@ -273,54 +292,10 @@ def test_a_spdy_only_kubectl_is_told_what_to_do(kubectl: KubectlFactory,
 # ------------------------------------------------------------- tmux: exec -it
 
 
-class Tmux:
-    """One tmux server on a private socket, one session, one pane (synchronous)."""
-
-    def __init__(self) -> None:
-        self.socket_name = f"podterm-kubectl-{secrets.token_hex(4)}"
-        self.session = "k"
-
-    def run(self, *args: str) -> str:
-        result = subprocess.run([TMUX, "-L", self.socket_name, *args], capture_output=True,
-                                timeout=10, check=False)
-        return result.stdout.decode(errors="replace")
-
-    def send(self, text: str) -> None:
-        self.run("send-keys", "-t", self.session, "-l", text)
-        self.run("send-keys", "-t", self.session, "Enter")
-
-    def screen(self) -> str:
-        return self.run("capture-pane", "-p", "-J", "-t", self.session)
-
-    def wait_for(self, pattern: str, timeout: float = SCREEN_WAIT_S) -> str:
-        """Poll the screen until ``pattern`` (a regex, multi-line) shows, under a deadline."""
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if regex.search(screen):
-                return screen
-            if time.monotonic() > deadline:
-                pytest.fail(f"{pattern!r} not shown within {timeout} s; the screen:\n{screen}",
-                            pytrace=False)
-            time.sleep(0.02)
-
-
 @pytest.fixture
 def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    if not os.access(TMUX, os.X_OK):
-        pytest.fail(f"{TMUX} is missing: apt-get install tmux", pytrace=False)
-    t = Tmux()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-           "TERM": "screen", "PS1": "local$ ", "LANG": "C.UTF-8"}
-    t.run("-f", "/dev/null", "new-session", "-d", "-s", t.session, "-x", "100", "-y", "30",
-          "-c", str(tmp_path), "env", "-i", *[f"{k}={v}" for k, v in sorted(env.items())],
-          "/bin/sh")
-    try:
-        t.run("set-option", "-t", t.session, "status", "off")  # the pane is the whole window
+    with tmux_session(tmp_path, prefix="podterm-kubectl") as t:
         yield t
-    finally:
-        t.run("kill-server")
 
 
 @pytest.mark.parametrize("version", BINARIES)
@@ -337,7 +312,7 @@ def test_exec_it_runs_an_interactive_shell_and_resizes(kubectl: KubectlFactory, 
     tmux.wait_for(r"^remote> $")
     tmux.send("echo size=$(stty size) tty=$(tty)")
     tmux.wait_for(r"^size=30 100 tty=/dev/pts/\d+")
-    tmux.run("resize-window", "-t", tmux.session, "-x", "120", "-y", "40")
+    tmux.resize(120, 40)
     tmux.send("echo size2=$(stty size)")
     tmux.wait_for(r"^size2=40 120\s*$")
     tmux.send("exit 5")

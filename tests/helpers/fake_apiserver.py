@@ -1480,9 +1480,10 @@ class FakeApiServer:
             if delay:
                 await asyncio.sleep(delay)
             close = answer.close or (req.header("connection") or "").lower() == "close"
+            # Logged before the answer leaves: a client that got it may read the log.
+            self._log_request(req, user.name if user else None, answer.status)
             writer.write(_http_response(answer.status, answer.body, close=close,
                                         content_type=answer.content_type))
-            self._log_request(req, user.name if user else None, answer.status)
             return not close
         return await self._upgrade(req, head, plan, reader, writer)
 
@@ -1493,8 +1494,8 @@ class FakeApiServer:
         accepted, chosen = negotiate(offered, self.mode)
         if not accepted:
             # A kubelet answers 403 with an empty body (§3.4).
-            writer.write(_http_response(403, b"", close=True))
             self._log_request(req, plan.user.name, 403)
+            writer.write(_http_response(403, b"", close=True))
             return False
         with self._cond:
             delay = self._upgrade_delay_s

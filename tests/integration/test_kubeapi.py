@@ -15,10 +15,12 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import h11
 import pytest
 import trio
 import yaml
@@ -27,8 +29,15 @@ from tests.helpers.kubectl import write_kubeconfig
 
 from podterm.client.kubeconfig import main as kubeconfig_main
 from podterm.client.kubeconfig import render_kubeconfig
-from podterm.config import AuthConfig, KubeconfigOptions, SessionsConfig, UpstreamConfig
-from podterm.errors import HandshakeError
+from podterm.config import (
+    AuthConfig,
+    KubeconfigOptions,
+    LimitsConfig,
+    SessionsConfig,
+    UpstreamConfig,
+)
+from podterm.errors import HandshakeError, UpstreamError
+from podterm.gateway.kubeapi import KubeStatusError, RefusalMemory
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream, client_handshake, connect
 from podterm.resilience.heartbeat import Heartbeat
 from podterm.session.session import SessionLimits
@@ -626,3 +635,210 @@ async def test_an_apiserver_older_than_1_30_is_reported_as_1_32(
         version = await gw.rest("GET", "/version", token=None)
     # §2.1: the dispatcher would run kubectl 1.29, which speaks only SPDY by default.
     assert int(version.json["minor"]) >= 30
+
+
+# ------------------------------------- the apiserver's refusals are refused upgrades
+
+
+async def _kube_gateway(make_gateway: GatewayFactory, tmp_path: Path, api: FakeApiServer,
+                        **config: Any) -> GatewayUnderTest:
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{ADMIN},alice,u-alice,"podterm:admins"\n')
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_pem=api.ca_pem,
+                                  token="gw-token")
+    return await make_gateway(auth=AuthConfig(token_file=str(tokens)),
+                              upstream=UpstreamConfig(kind="kube", kubeconfig=str(kubeconfig)),
+                              **config)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def _ask_upgrade(gw: GatewayUnderTest, path: str) -> _Answer:
+    """kubectl's WebSocket GET; a 101 comes back as such (no body), not as a hang."""
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target=path, headers=[
+        ("Host", f"127.0.0.1:{gw.port}"), ("Authorization", f"Bearer {ADMIN}"),
+        *UPGRADE_HEADERS, ("Sec-WebSocket-Protocol", V5)])
+    stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+    async with stream:
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        status, headers, chunks = 0, {}, []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.InformationalResponse | h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+                if status == 101:
+                    return _Answer(101, headers, b"")
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            else:  # EndOfMessage, ConnectionClosed
+                return _Answer(status, headers, b"".join(chunks))
+
+
+async def _get_then_spdy_retry(gw: GatewayUnderTest, path: str) -> list[Any]:
+    """kubectl's two attempts (§9): the WebSocket GET, then the SPDY POST of the same URL."""
+    get = await _ask_upgrade(gw, path)
+    post = await gw.rest("POST", path, token=ADMIN, headers=SPDY_HEADERS)
+    return [get, post]
+
+
+async def test_the_apiservers_rbac_refusal_is_a_refused_upgrade_for_the_get_and_its_retry(
+        make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    pods = [FakePod("web", containers=(FakeContainer("app"),))]
+    with FakeApiServer(pods=pods, tokens={"gw-token": FakeUser("podterm-gateway")},
+                       deny=["podterm-gateway"]) as api:
+        gw = await _kube_gateway(make_gateway, tmp_path, api)
+        path = exec_path(["echo", "hi"], pod="web", container="app", stderr=True, stdout=True)
+        with trio.fail_after(WAIT_S):
+            answers = await _get_then_spdy_retry(gw, path)
+            # The retry was answered once: a later SPDY POST is just a SPDY client.
+            later = await gw.rest("POST", path, token=ADMIN, headers=SPDY_HEADERS)
+        requests = api.requests
+        execs = api.execs
+    for answer in answers:  # no 101: the apiserver's code and Status, word for word
+        assert answer.status == 403, answer.body
+        body = status_of(answer)
+        assert body["reason"] == "Forbidden"
+        assert body["message"] == ('pods "web" is forbidden: User "podterm-gateway" cannot get '
+                                   'resource "pods/exec" in API group "" in the namespace '
+                                   '"default"')
+        assert body["details"] == {"name": "web", "kind": "pods"}
+    assert later.status == 400 and "KUBECTL_REMOTE_COMMAND_WEBSOCKETS" in status_of(later)[
+        "message"]
+    # The apiserver was asked once (the GET's dial); the POST was answered from memory.
+    assert [r.status for r in requests if r.path.endswith("/exec")] == [403]
+    assert execs == [] and len(gw.registry) == 0
+
+
+# (status injected by the fake for the exec upgrade only) -> (code, reason, message) answered
+APISERVER_REFUSALS = [
+    # A pod that vanished between kubectl's GET of it and the upgrade.
+    ((404, 'pods "web" not found'), (404, "NotFound", 'pods "web" not found')),
+    ((400, "pod web does not have a host assigned"),
+     (400, "BadRequest", "pod web does not have a host assigned")),
+    # The apiserver refused the *gateway's* credential: not the user's fault,
+    # and never "Unauthorized" (kubectl would tell the user to log in again).
+    ((401, "Unauthorized"), (502, "InternalError", "Unauthorized: the apiserver rejected "
+                                                   "the gateway's credentials")),
+]
+
+
+@pytest.mark.parametrize(("injected", "expected"), APISERVER_REFUSALS)
+async def test_an_apiserver_refusal_of_the_exec_reaches_kubectl_before_any_101(
+        make_gateway: GatewayFactory, tmp_path: Path, fake_apiserver: FakeApiServer,
+        injected: tuple[int, str], expected: tuple[int, str, str]) -> None:
+    gw = await _kube_gateway(make_gateway, tmp_path, fake_apiserver)
+    fake_apiserver.refuse_upgrades(1, *injected)
+    path = exec_path(["true"], pod="web", stdout=True)
+    with trio.fail_after(WAIT_S):
+        pod = await gw.rest("GET", "/api/v1/namespaces/default/pods/web", token=ADMIN)
+        answers = await _get_then_spdy_retry(gw, path)
+    assert pod.status == 200  # kubectl's GET of the pod found it
+    code, reason, message = expected
+    for answer in answers:
+        assert answer.status == code, answer.body
+        body = status_of(answer)
+        assert body["reason"] == reason and body["message"].startswith(message), body
+    assert fake_apiserver.execs == [] and len(gw.registry) == 0
+
+
+async def test_an_apiserver_that_does_not_answer_the_upgrade_in_time_is_a_504(
+        make_gateway: GatewayFactory, tmp_path: Path, fake_apiserver: FakeApiServer) -> None:
+    # The bound is the gateway's handshake timeout; the fake holds its 101 longer.
+    gw = await _kube_gateway(make_gateway, tmp_path, fake_apiserver,
+                             limits=LimitsConfig(handshake_timeout_s=1.0))
+    fake_apiserver.set_delays(upgrade_delay_s=3.0)
+    path = exec_path(["true"], pod="web", stdout=True)
+    with trio.fail_after(WAIT_S):
+        start = trio.current_time()
+        answers = await _get_then_spdy_retry(gw, path)
+        elapsed = trio.current_time() - start
+    assert elapsed < 2.9  # answered at the gateway's deadline, not the apiserver's 101
+    for answer in answers:
+        assert answer.status == 504, answer.body
+        body = status_of(answer)
+        assert body["reason"] == "Timeout"
+        assert body["message"] == ("the podterm gateway could not start the exec in pod "
+                                   "default/web within 1 s: its upstream did not answer in time")
+    assert len(gw.registry) == 0
+
+
+@pytest.mark.parametrize("first", [(100, 30), (80, 24)])
+async def test_a_kube_tty_session_sends_the_apiserver_only_the_clients_sizes(
+        make_gateway: GatewayFactory, tmp_path: Path, fake_apiserver: FakeApiServer,
+        first: tuple[int, int]) -> None:
+    # The upstream is opened without a size of the gateway's; the client's
+    # first size is the terminal's first, even when it is 80x24 (the size a
+    # session reports before it knows one).
+    gw = await _kube_gateway(make_gateway, tmp_path, fake_apiserver)
+    with trio.fail_after(WAIT_S):
+        k = await k8s_connect(gw, exec_path(["cat"], pod="web", stdin=True, stdout=True,
+                                            tty=True))
+        await k.send(4, b'{"Width":%d,"Height":%d}\n' % first)
+        # (The kube upstream sends the latest pending size: one at a time here.)
+        await trio.to_thread.run_sync(lambda: fake_apiserver.wait_exec(
+            0, until=lambda log: bool(log.resizes), timeout=WAIT_S))
+        await k.send(4, b'{"Width":120,"Height":40}\n')
+        await k.send(0, b"\x04")  # Ctrl-D: cat reads EOF from its terminal
+        assert await k.wait_closed() == 1000
+        log = await trio.to_thread.run_sync(lambda: fake_apiserver.wait_exec(0, timeout=WAIT_S))
+    assert log.tty and log.exit_code == 0
+    assert log.resizes == (first, (120, 40))
+
+
+# ------------------------------------------------------------------ RefusalMemory
+
+
+def _refusal(message: str) -> KubeStatusError:
+    return KubeStatusError(403, "Forbidden", message, {"name": "p", "kind": "pods"})
+
+
+async def test_a_remembered_refusal_is_handed_out_once_for_its_user_and_target() -> None:
+    memory = RefusalMemory(ttl_s=30.0)
+    memory.remember("alice", "/x?command=a", _refusal("no"), now=0.0)
+    assert memory.recall("bob", "/x?command=a", now=1.0) is None  # another user
+    assert memory.recall("alice", "/x?command=b", now=1.0) is None  # another command
+    got = memory.recall("alice", "/x?command=a", now=1.0)
+    assert got is not None
+    assert (got.http_status, got.reason, got.message, got.details) == (
+        403, "Forbidden", "no", {"name": "p", "kind": "pods"})
+    assert memory.recall("alice", "/x?command=a", now=1.0) is None  # once
+    assert len(memory) == 0
+
+
+async def test_refusals_expire_and_the_memory_is_bounded() -> None:
+    memory = RefusalMemory(ttl_s=10.0, max_entries=2)
+    memory.remember("alice", "/a", _refusal("a"), now=0.0)
+    assert memory.recall("alice", "/a", now=10.0) is None  # expired
+    for n, target in enumerate(("/1", "/2", "/3")):
+        memory.remember("alice", target, _refusal(target), now=float(n))
+    assert len(memory) == 2
+    assert memory.recall("alice", "/1", now=3.0) is None  # the oldest went first
+    third = memory.recall("alice", "/3", now=3.0)
+    assert third is not None and third.message == "/3"
+
+
+async def test_a_refusal_that_is_not_a_kube_status_keeps_its_code_and_headers() -> None:
+    class Throttled(UpstreamError):
+        http_status = 429
+        reason_name = "TooManyRequests"
+
+    exc = Throttled("slow down")
+    exc.headers = [("Retry-After", "3")]  # type: ignore[attr-defined]
+    status = KubeStatusError.of(exc)
+    assert (status.http_status, status.reason, status.message, status.headers) == (
+        429, "TooManyRequests", "slow down", [("Retry-After", "3")])
+    with pytest.raises(ValueError):
+        RefusalMemory(ttl_s=0)

@@ -47,15 +47,28 @@ The exec/attach upgrade
 -----------------------
 Checks, in this order, the same for the GET and for kubectl's SPDY ``POST``
 retry (§9 "fallback trap": kubectl shows only the second answer): 401/403
-(router), 400 bad query parameters, 404 pod, 400 container, 503 draining;
-then a POST gets 400 with upgrade advice (§10), a GET without upgrade 400
-``Upgrade request required``, a GET offering no supported subprotocol 400.
+(router), 400 bad query parameters, then (POST only) the upstream's refusal
+of the same user's GET of the same URL, if one is remembered; 404 pod, 400
+container, 503 draining; then a POST gets 400 with upgrade advice (§10), a
+GET without upgrade 400 ``Upgrade request required``, a GET offering no
+supported subprotocol 400.
 The subprotocol is chosen by :func:`~podterm.protocol.k8s_channel.negotiate`
 (v5 > v4 > v4.base64 > channel > base64).
 
-After the 101 the command starts as a :class:`~podterm.session.session.Session`
-in the registry (owned by the caller, counted, audited and recorded like any
-other), and :func:`k8s_relay` attaches to it as its writer:
+The command runs as a :class:`~podterm.session.session.Session` in the
+registry (owned by the caller, counted, audited and recorded like any other).
+On the ``kube`` upstream (:data:`OPEN_BEFORE_UPGRADE`) it starts *before* the
+101, within ``open_timeout_s``: a refusal by the apiserver (403 for an
+impersonated user, 404 for a pod gone since kubectl's GET, 400, an apiserver
+the gateway cannot reach: 503, no answer in time: 504 ``Timeout``) is then a
+refused upgrade with the apiserver's code and Status, which kubectl prints
+as ``Error from server (Forbidden): ...``, and the refusal is remembered
+(:class:`RefusalMemory`) for kubectl's SPDY retry.  Such a tty session opens
+its upstream without a terminal size: kubectl's first resize is the first
+the apiserver gets.  On the ``local`` upstream the session starts after the
+101 (with an 80x24 PTY until kubectl's size arrives); a failure to start is
+then a Failure Status on channel 3.  Either way :func:`k8s_relay` attaches
+to it as its writer:
 
 * the empty "ready" message on the lowest requested output channel;
 * stdin from text or binary messages; resize from channel 4; v5 ``FF 00``
@@ -87,7 +100,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -131,7 +144,9 @@ __all__ = [
     "KubeBackend",
     "KubeStatusError",
     "LocalBackend",
+    "OPEN_BEFORE_UPGRADE",
     "PodInfo",
+    "RefusalMemory",
     "SPDY_MESSAGE",
     "k8s_relay",
     "parse_exec_options",
@@ -161,6 +176,10 @@ SPDY_MESSAGE: Final = (
 MAX_OUTPUT_MESSAGE_BYTES: Final = 32 * 1024
 #: Output bytes put in one socket write at most (p99 over throughput).
 MAX_BATCH_BYTES: Final = 256 * 1024
+#: Upstreams whose sessions start before kubectl's upgrade is answered, so that
+#: their refusals reach kubectl as refused upgrades (§9).  Not ``local``: it
+#: refuses nothing a pod check would not have caught, and its PTY needs a size.
+OPEN_BEFORE_UPGRADE: Final = frozenset({"kube"})
 #: Command bounds, as the REST API's (``podterm.gateway.api``).
 MAX_COMMAND_ARGS: Final = 256
 MAX_COMMAND_BYTES: Final = 64 * 1024
@@ -196,11 +215,42 @@ class KubeStatusError(PodtermError):
     """
 
     def __init__(self, http_status: int, reason: str, message: str,
-                 details: Mapping[str, Any] | None = None) -> None:
+                 details: Mapping[str, Any] | None = None, *,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message, http_status=http_status)
         self.reason_name = reason
         self.reason = reason
         self.details = details
+        #: Extra response headers (``Retry-After`` of a 429); ``render_error`` adds them.
+        self.headers = list(headers)
+
+    @classmethod
+    def of(cls, exc: PodtermError) -> KubeStatusError:
+        """``exc`` as the Status a kube-apiserver would answer with (§9).
+
+        The code is ``exc.http_status`` (what podterm answers for it: an
+        apiserver's 400/403/404 unchanged, 502 when it rejected the gateway's
+        own credentials); the reason, message and details are ``exc``'s.  A
+        reason of ``Unauthorized`` is kept only with code 401: kubectl reads
+        that reason as "log in again" (``IsUnauthorized``) and hides the
+        message, which is wrong when the apiserver refused the *gateway*.
+        """
+        if isinstance(exc, KubeStatusError):
+            return exc.copy()
+        code = exc.http_status if 400 <= exc.http_status <= 599 else 500
+        reason = getattr(exc, "reason_name", "") or "InternalError"
+        if reason == "Unauthorized" and code != 401:
+            reason = "InternalError"
+        details = getattr(exc, "details", None)
+        headers = getattr(exc, "headers", None) or ()
+        return cls(code, reason, exc.message or reason,
+                   details if isinstance(details, Mapping) and details else None,
+                   headers=[(str(k), str(v)) for k, v in headers])
+
+    def copy(self) -> KubeStatusError:
+        """A new exception with the same answer (one exception object is raised once)."""
+        return KubeStatusError(self.http_status, self.reason, self.message, self.details,
+                               headers=self.headers)
 
 
 def status_response(code: int, reason: str, message: str,
@@ -223,6 +273,65 @@ def _not_found(namespace: str, pod: str) -> KubeStatusError:
 
 def _bad_request(message: str) -> KubeStatusError:
     return KubeStatusError(400, "BadRequest", message)
+
+
+class RefusalMemory:
+    """Upstream refusals of recent exec/attach upgrades, for kubectl's SPDY retry (§9).
+
+    kubectl >= 1.30 retries a refused WebSocket upgrade as a SPDY ``POST`` of
+    the same URL, on a new connection, and shows the user only that second
+    answer.  The gateway's own checks give the POST the GET's verdict by
+    running again; an apiserver's refusal cannot be asked for again without
+    running the command if it would now be allowed, so the GET's answer is
+    remembered here, per user and request target, and handed to the matching
+    POST once.
+
+    Bounded: entries expire after ``ttl_s`` (kubectl retries within
+    milliseconds; 30 s covers a loaded machine) and at most ``max_entries``
+    are kept (the oldest go first).  Per process: a POST that reaches
+    another worker or replica finds nothing and gets the SPDY advice.
+
+    Args:
+        ttl_s: how long a refusal waits for its retry.
+        max_entries: how many refusals are kept at most.
+    """
+
+    __slots__ = ("ttl_s", "max_entries", "_entries")
+
+    def __init__(self, *, ttl_s: float = 30.0, max_entries: int = 1024) -> None:
+        if ttl_s <= 0 or max_entries < 1:
+            raise ValueError("ttl_s must be > 0 and max_entries >= 1")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        # Insertion order is expiry order: every entry lives ttl_s.
+        self._entries: dict[tuple[str, str], tuple[float, KubeStatusError]] = {}
+
+    def __repr__(self) -> str:
+        return f"<RefusalMemory entries={len(self._entries)} ttl={self.ttl_s:g}s>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (expires, _) = next(iter(entries.items()))
+            if expires > now and len(entries) <= self.max_entries:
+                return
+            del entries[key]
+
+    def remember(self, user: str, target: str, refusal: KubeStatusError, now: float) -> None:
+        """Keep ``refusal`` of ``user``'s upgrade of ``target`` (path and query) for its retry."""
+        key = (user, target)
+        self._entries.pop(key, None)  # re-inserted last: its expiry is the latest
+        self._entries[key] = (now + self.ttl_s, refusal)
+        self._expire(now)
+
+    def recall(self, user: str, target: str, now: float) -> KubeStatusError | None:
+        """The refusal remembered for ``user`` and ``target`` (forgotten now), or None."""
+        self._expire(now)
+        entry = self._entries.pop((user, target), None)
+        return entry[1].copy() if entry is not None else None
 
 
 # ------------------------------------------------------------------- pods & backend
@@ -611,18 +720,27 @@ class KubeApi:
         upstream: the upstream kind sessions run on (None: the registry's default).
         ws_limits: frame and message bounds for the WebSocket (the spec asks
             for a message bound such as 1 MiB, 1009 beyond).
+        open_timeout_s: bound on starting a session before the 101 (upstreams
+            in :data:`OPEN_BEFORE_UPGRADE`); the gateway passes its handshake
+            timeout.  Past it kubectl gets 504 ``Timeout``.
     """
 
-    __slots__ = ("registry", "counters", "backend", "upstream", "ws_limits")
+    __slots__ = ("registry", "counters", "backend", "upstream", "ws_limits", "open_timeout_s",
+                 "refusals")
 
     def __init__(self, registry: SessionRegistry, counters: GatewayCounters, *,
                  backend: KubeBackend | None = None, upstream: str | None = None,
-                 ws_limits: WsLimits | None = None) -> None:
+                 ws_limits: WsLimits | None = None, open_timeout_s: float = 10.0) -> None:
+        if not open_timeout_s > 0:
+            raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
         self.registry = registry
         self.counters = counters
         self.backend: KubeBackend = backend if backend is not None else LocalBackend()
         self.upstream = upstream
         self.ws_limits = ws_limits or WsLimits()
+        self.open_timeout_s = open_timeout_s
+        #: The upstream's refusals of recent upgrades, for kubectl's SPDY retry.
+        self.refusals = RefusalMemory()
 
     def __repr__(self) -> str:
         return f"<KubeApi {self.backend!r} upstream={self.upstream or 'default'}>"
@@ -686,6 +804,11 @@ class KubeApi:
         if request.method not in ("GET", "HEAD", "POST"):
             raise _method_not_allowed(request.method)
         options = parse_exec_options(request.target, call.params["subresource"])
+        if request.method == "POST":
+            # kubectl's SPDY retry of an upgrade its upstream refused: the same answer.
+            refusal = self.refusals.recall(identity.user, request.target, trio.current_time())
+            if refusal is not None:
+                raise refusal
         info = await self._get_pod(call)
         container = info.resolve_container(options.container)
         if self.registry.draining:
@@ -704,21 +827,73 @@ class KubeApi:
             got = ", ".join(offered) or "none"
             raise _bad_request(f"no supported WebSocket subprotocol offered (got: {got}); "
                                f"podterm speaks {', '.join(SUBPROTOCOLS)}")
+        kind = self.upstream or self.registry.default_upstream
+        opens_first = kind in OPEN_BEFORE_UPGRADE
+        spec = StreamSpec(command=options.command or None, tty=options.tty,
+                          namespace=info.namespace, pod=info.name, container=container)
+        if opens_first:
+            # No size of our own where the upstream can go without one:
+            # kubectl's arrives right after the 101 (§6).
+            spec = replace(spec, cols=0, rows=0)
+        session: Session | None = None
+        if opens_first:
+            session = await self._open_before_upgrade(identity, spec, options, request.target)
         limits = self.registry.limits
         try:
             ws = await accept_on(call.stream, call.conn, upgrade, chosen,
                                  limits=self.ws_limits, close_timeout_s=limits.close_timeout_s)
         except HandshakeError:
+            if session is not None:
+                session.kill("client_gone")
             return Upgraded(None)  # accept_on answered and closed the stream
-        spec = StreamSpec(command=options.command or None, tty=options.tty,
-                          namespace=info.namespace, pod=info.name, container=container)
-        return Upgraded(functools.partial(self._serve, ws, identity, spec, options))
+        except BaseException:
+            if session is not None:
+                session.kill("shutdown" if self.registry.draining else "internal_error")
+            raise
+        return Upgraded(functools.partial(self._serve, ws, identity, spec, options, session))
+
+    async def _open_before_upgrade(self, identity: Identity, spec: StreamSpec,
+                                   options: ExecOptions, target: str) -> Session:
+        """Start the session while kubectl still waits for its 101.
+
+        So a refusal of the upstream (the apiserver's 403 for an impersonated
+        user, 404 for a pod that vanished after kubectl's GET, 400 for a bad
+        container, a gateway that cannot reach it) is a refused upgrade with
+        the upstream's code and Status, which kubectl prints as ``Error from
+        server (Forbidden): ...`` after its SPDY retry (§9) -- remembered in
+        :attr:`refusals` for that retry.
+
+        Raises:
+            KubeStatusError: the refusal; 504 ``Timeout`` past ``open_timeout_s``.
+        """
+        now = trio.current_time()
+        where = f"{spec.namespace}/{spec.pod}"
+        refusal: KubeStatusError | None = None
+        with trio.move_on_after(self.open_timeout_s):
+            try:
+                return await self.registry.create(identity, spec, self.upstream)
+            except PodtermError as exc:
+                refusal = KubeStatusError.of(exc)
+        if refusal is None:  # the deadline passed
+            refusal = KubeStatusError(
+                504, "Timeout", f"the podterm gateway could not start the {options.subresource} "
+                                f"in pod {where} within {self.open_timeout_s:g} s: its upstream "
+                                "did not answer in time")
+        log.info("kubeapi.%s.refused %s user=%s: %d %s", options.subresource, where,
+                 identity.user, refusal.http_status, refusal.message)
+        # The copy is raised: the remembered one holds no traceback (and no frames).
+        self.refusals.remember(identity.user, target, refusal, now)
+        raise refusal.copy()
 
     async def _serve(self, ws: WebSocketStream, identity: Identity, spec: StreamSpec,
-                     options: ExecOptions) -> None:
-        """Start the session, then relay; the stream is closed before this returns."""
+                     options: ExecOptions, session: Session | None) -> None:
+        """Start the session (unless it was, before the 101), then relay; the stream is
+        closed before this returns."""
         assert ws.subprotocol is not None
         channel = K8sServerChannel(ws.subprotocol, stdin=options.stdin, tty=options.tty)
+        if session is not None:
+            await self._relay(ws, identity, spec, options, channel, session)
+            return
         try:
             session = await self.registry.create(identity, spec, self.upstream)
         except PodtermError as exc:
@@ -739,6 +914,10 @@ class KubeApi:
             if isinstance(exc, Exception):
                 return
             raise
+        await self._relay(ws, identity, spec, options, channel, session)
+
+    async def _relay(self, ws: WebSocketStream, identity: Identity, spec: StreamSpec,
+                     options: ExecOptions, channel: K8sServerChannel, session: Session) -> None:
         if not options.stdin and not options.tty:
             # No stdin requested: the process reads EOF (a tty keeps its
             # terminal open, as a kubelet does).
@@ -876,6 +1055,9 @@ class _Link:
         parts: list[bytes] = [_frame(ws, self.channel, ready)]
         while True:
             if att.gone:
+                return
+            if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
+                await self.rx_done.wait()  # violation, the peer's CLOSE): nothing more to send
                 return
             if att.notices:
                 att.notices.clear()  # podterm.v1 notices (hello, drain) mean nothing here

@@ -31,7 +31,9 @@ One ``GET`` upgrade per stream, on a new TLS connection::
   (``options.report_cwd``; a user's rc file that replaces ``PROMPT_COMMAND``
   switches it off for that shell).
 - A tty stream sends its initial size on channel 4 right after the upgrade,
-  as kubectl does.
+  as kubectl does -- unless the spec's size is 0x0: then the first size is
+  the first :meth:`KubeStream.resize` (the gateway's kubectl sessions, so the
+  apiserver gets exactly the sizes of the user's terminal).
 
 Retries and the circuit breaker
 -------------------------------
@@ -1294,7 +1296,7 @@ class KubeUpstream:
             self._open += 1
             self._subprotocols[stream.subprotocol] += 1
             if spec.tty and spec.cols and spec.rows:
-                # kubectl sends the size right after the upgrade (§6).
+                # kubectl sends the size right after the upgrade (§6); 0x0: no size yet.
                 stream.resize(spec.cols, spec.rows)
                 with trio.move_on_after(self.options.connect_timeout_s):
                     await stream._flush_resize()
