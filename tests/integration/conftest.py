@@ -229,9 +229,11 @@ class GatewayUnderTest:
                 if event is h11.NEED_DATA:
                     conn.receive_data(await stream.receive_some(65536))
                     continue
-                if isinstance(event, h11.Response):
+                if isinstance(event, h11.Response | h11.InformationalResponse):
                     status = event.status_code
                     rheaders = {k.decode().lower(): v.decode() for k, v in event.headers}
+                    if status == 101:
+                        break  # an upgrade: no body follows, and h11 pauses here
                 elif isinstance(event, h11.Data):
                     chunks.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):

@@ -105,6 +105,9 @@ REGISTRY: Mapping[str, EventKind] = MappingProxyType(dict([
           "a gateway process started serving (a start without a stop before it = a crash)"),
     _kind("gateway.stop", "PT0002", ("success", "error"), ("reason",), ("sessions",),
           "a gateway process stopped (drained or failed)"),
+    _kind("peer.forward", "PT0100", ("success", "rejected", "error"), ("holder",),
+          ("method", "path", "http_status", "reason"),
+          "a request for a session another peer holds was forwarded to it (or could not be)"),
     _kind("auth.success", "PT1000", ("success",), ("method",), (),
           "a caller proved an identity (token, x509, tokenreview, oidc, generated-admin)"),
     _kind("auth.failure", "PT1001", ("denied", "rejected"), ("method", "reason"),
@@ -136,8 +139,9 @@ REGISTRY: Mapping[str, EventKind] = MappingProxyType(dict([
     _kind("admin.action", "PT3100", ("success", "denied", "error"), ("action",),
           ("reason",), "an administrative action: kill a session, drain, reload, ..."),
     _kind("protocol.reject", "PT4000", ("rejected",), ("reason",),
-          ("close_code", "http_status", "protocol", "path"),
-          "a handshake or protocol violation closed a connection (400 / 1002 / 1007 / 1009)"),
+          ("close_code", "http_status", "protocol", "path", "origin"),
+          "a handshake or protocol violation closed a connection (400 / 1002 / 1007 / 1009; "
+          "403 for an Origin not allowed)"),
 ]))
 
 _TYPE = re.compile(r"[a-z]+(\.[a-z_]+)+")

@@ -292,8 +292,10 @@ class _Link:
             att.request_close(int(exc.close_code), exc.message[:100],
                               ErrorMsg("bad_request", exc.message))
             self._rejected(exc)
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
             att.mark_gone()
+            if exc.code in (1002, 1007, 1009) and ws.conn.close_received is None:  # bad frames
+                self._rejected(ProtocolViolation(exc.reason or "invalid frame", exc.code))
 
     def _rejected(self, exc: PodtermError) -> None:
         if self.auditor is not None:
@@ -318,6 +320,9 @@ class _Link:
         send_binary = ws.conn.send_binary
         while True:
             if att.gone:
+                return
+            if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
+                await self.rx_done.wait()  # violation, the peer's CLOSE): nothing more to send
                 return
             parts: list[bytes] = []
             # 1. notices: hello, gap, drain, error.

@@ -15,7 +15,9 @@ Bounds (every one is a :class:`HttpLimits` field):
 * slowloris: the first byte of a request must come within ``header_timeout_s``
   on a new connection (``keepalive_timeout_s`` on a kept-alive one), and the
   whole head within ``header_timeout_s`` of its first byte; the body within
-  ``body_timeout_s``.  A client that is too slow is disconnected;
+  ``body_timeout_s``.  A client whose head started and did not finish in
+  time gets ``408`` and is disconnected (and reported to
+  ``on_protocol_error``); an idle one is disconnected without a word;
 * a kept-alive connection serves at most ``max_requests`` requests.
 
 Error handling: this module is the one boundary where errors become HTTP
@@ -33,6 +35,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -54,6 +57,8 @@ __all__ = [
     "error_response",
     "json_response",
     "new_request_id",
+    "raw_response",
+    "send_and_close",
     "serve_http",
 ]
 
@@ -238,6 +243,54 @@ def _response_for(exc: PodtermError) -> Response:
     return error_response(status, exc.message or type(exc).__name__, headers=extra)
 
 
+def raw_response(response: Response) -> bytes:
+    """``response`` as HTTP/1.1 bytes with ``Connection: close``, written without h11.
+
+    For answers outside a request cycle, where h11 (rightly) refuses to
+    send: before any request was read (a connection over a per-address cap)
+    or when a request's head never completed (408).
+    """
+    try:
+        phrase = HTTPStatus(response.status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [f"HTTP/1.1 {response.status} {phrase}", "Server: podterm",
+             f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(response.body)}",
+             *(f"{name}: {value}" for name, value in response.headers), "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+#: How long :func:`send_and_close` may take, and how much it reads meanwhile.
+_CLOSE_S = 1.0
+_CLOSE_DRAIN_BYTES = 65536
+
+
+async def send_and_close(stream: trio.abc.Stream, data: bytes, *,
+                         timeout_s: float = _CLOSE_S) -> None:
+    """Best effort: write ``data``, half-close, read until the peer closes, then close.
+
+    Reading what the client still sends (bounded by ``timeout_s`` and 64 KiB)
+    keeps the kernel from answering it with RST, which would discard the
+    answer before the client read it.  Never raises for a peer that is gone.
+    """
+    with trio.move_on_after(timeout_s):
+        try:
+            await stream.send_all(data)
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            drained = 0
+            while drained < _CLOSE_DRAIN_BYTES:
+                chunk = await stream.receive_some(16384)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)
+
+
 def _parse_request(event: h11.Request, connection: ClientAddress,
                    policy: ClientAddressPolicy) -> Request:
     headers: dict[str, str] = {}
@@ -407,8 +460,17 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
             with trio.move_on_after(wait) as scope:
                 event = await _next_event(stream, conn, scope, limits.header_timeout_s)
             if scope.cancelled_caught:
-                # Slowloris or an idle keep-alive: hang up without an answer;
-                # nothing useful can be said to a client that does not send.
+                if conn.trailing_data[0]:
+                    # Slowloris: a head that started and never finished.
+                    # RFC 9110 §15.5.9: 408, then close.
+                    reason = (f"request head not complete within {limits.header_timeout_s:g} s "
+                              "of its first byte")
+                    GatewayCounters.bump(counters.http_errors, error_code(408))
+                    if on_protocol_error is not None:
+                        on_protocol_error(408, reason)
+                    await send_and_close(stream, raw_response(error_response(408, reason)))
+                # An idle connection or keep-alive: nothing useful can be said
+                # to a client that does not send; hang up.
                 return None
             if isinstance(event, h11.ConnectionClosed):
                 return None

@@ -21,6 +21,19 @@ request it:
 3. calls the handler with the request (``request.identity`` set), the path
    parameters, and the connection (stream and h11 state, for upgrades).
 
+Browser origins: before authenticating a WebSocket upgrade, its ``Origin``
+is checked against the :class:`~podterm.protocol.handshake.OriginPolicy`
+(no ``Origin``, the gateway's own origin, or ``--allowed-origins``); any
+other origin is refused with 403 and a ``protocol.reject`` event naming it
+(``details.origin``), so a foreign page can neither use a browser's ambient
+credentials nor spend its address's failed-login budget.
+
+Peers (``peers``, docs/ha.md): a request another gateway signed is
+authenticated by its ``X-Podterm-Peer-*`` headers instead (a bad signature is
+401, method ``peer``), and once a caller is authenticated, a request for a
+session another peer holds is answered through that peer before any
+authorization here: the holder authorizes it.
+
 A route may render its own errors (``render_error``): the Kubernetes API
 routes answer every failure, 401/403 included, as a Kubernetes ``Status``
 (``podterm.gateway.kubeapi``) instead of the podterm error body.
@@ -40,7 +53,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import h11
 import trio
@@ -60,7 +73,7 @@ from podterm.errors import BadRequestError, PodtermError, ProtocolViolation
 from podterm.gateway.http import Request, Response, Upgraded, error_code, error_response
 from podterm.metrics import GatewayCounters
 from podterm.net.tls import peer_identity
-from podterm.protocol.handshake import extract_bearer_subprotocol
+from podterm.protocol.handshake import OriginPolicy, OriginRefused, extract_bearer_subprotocol
 from podterm.resilience.ratelimit import RateLimiter, RateLimitExceeded
 
 if TYPE_CHECKING:
@@ -74,7 +87,7 @@ _FAILURE_WORDING = {
     FailureReason.UNKNOWN_TOKEN: "invalid bearer token",
 }
 
-__all__ = ["Call", "ErrorRenderer", "Route", "Router", "RouteHandler"]
+__all__ = ["Call", "ErrorRenderer", "PeerHooks", "Route", "Router", "RouteHandler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,18 @@ class Call:
 RouteHandler = Callable[[Call], Awaitable[Response | Upgraded]]
 #: The RBAC verb and target of an authenticated request (``identity`` is set).
 TargetResolver = Callable[[Request], tuple[str, Target]]
+
+
+class PeerHooks(Protocol):
+    """What the router asks of :class:`podterm.gateway.peers.Peers` (docs/ha.md, Peers)."""
+
+    def authenticate(self, request: Request) -> Identity | None:
+        """A signed peer request's forwarded identity; None when no peer signed it."""
+        ...
+
+    async def route(self, call: Call) -> Response | Upgraded | None:
+        """The answer through the peer holding what ``call`` names; None: serve it here."""
+        ...
 #: Turns an error raised by authentication or the handler into the route's answer.
 ErrorRenderer = Callable[[PodtermError, Request], Response]
 
@@ -146,16 +171,20 @@ class Router:
         counters: where handshake failures are counted.
         auditor: where authentication, authorization and handshake refusals
             are audited (None: not audited).
+        origins: which browser origins may open a WebSocket (default: the
+            gateway's own origin only).
     """
 
     __slots__ = ("routes", "authenticator", "counters", "auditor", "chain", "authorizer",
-                 "limiter", "resolve_target")
+                 "limiter", "resolve_target", "origins", "peers")
 
     def __init__(self, routes: Sequence[Route], *, authenticator: TokenAuthenticator,
                  counters: GatewayCounters, auditor: Auditor | None = None,
                  chain: AuthenticatorChain | None = None, authorizer: Authorizer | None = None,
                  limiter: RateLimiter | None = None,
-                 resolve_target: TargetResolver | None = None) -> None:
+                 resolve_target: TargetResolver | None = None,
+                 origins: OriginPolicy | None = None,
+                 peers: PeerHooks | None = None) -> None:
         self.routes = tuple(routes)
         self.authenticator = authenticator
         self.counters = counters
@@ -168,6 +197,8 @@ class Router:
         self.authorizer = authorizer or Authorizer()
         self.limiter = limiter
         self.resolve_target = resolve_target
+        self.origins = origins or OriginPolicy()
+        self.peers = peers
 
     def __repr__(self) -> str:
         return f"<Router routes={len(self.routes)}>"
@@ -179,6 +210,20 @@ class Router:
         if limiter is not None:
             # Before looking at the credentials: no oracle for a guessing client.
             limiter.check_auth(source, trio.current_time()).check()
+        if self.peers is not None:
+            try:
+                forwarded = self.peers.authenticate(request)
+            except AuthFailure:
+                if limiter is not None:
+                    limiter.record_auth_failure(source, trio.current_time())
+                raise
+            if forwarded is not None:
+                # A peer signed it: that peer authenticated the user and applied
+                # the per-user limits.  Audit the original client from here on.
+                request.identity = forwarded
+                if self.auditor is not None:
+                    self.auditor.enter_request(request)
+                return forwarded
         token = bearer_from_headers(request.headers)
         if token is None and request.is_upgrade:
             offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "")
@@ -237,6 +282,11 @@ class Router:
                 allowed |= route.methods
                 continue
             try:
+                if route.websocket and request.is_upgrade:
+                    # RFC 6455 §10.2: before any credential is looked at.
+                    self.origins.check(request.headers.get("origin"),
+                                       request.headers.get("host"),
+                                       tls=isinstance(stream, trio.SSLStream))
                 if not route.public:
                     try:
                         identity = await self._authenticate(request, stream)
@@ -249,6 +299,13 @@ class Router:
                         raise
                     if auditor is not None:
                         await auditor.access_granted(request, authorized=False)
+                    if self.peers is not None:
+                        # Before authorization: the peer holding the session
+                        # decides, with the forwarded identity (docs/ha.md).
+                        answer = await self.peers.route(Call(request, match.groupdict(),
+                                                             stream, conn))
+                        if answer is not None:
+                            return answer
                     if route.authorize:
                         verb, target = self._verb_target(request)
                         decision = await self.authorizer.decide(identity, verb, target)
@@ -268,8 +325,13 @@ class Router:
                 if route.websocket and request.is_upgrade and conn.our_state is h11.SEND_RESPONSE:
                     GatewayCounters.bump(self.counters.handshake_failures,
                                          error_code(exc.http_status))
-                    if auditor is not None and isinstance(exc, ProtocolViolation |
-                                                          BadRequestError):
+                    if auditor is not None and isinstance(exc, OriginRefused):
+                        await auditor.emit("protocol.reject", outcome="rejected",
+                                           reason=exc.message, http_status=exc.http_status,
+                                           protocol="websocket", path=request.path,
+                                           origin=exc.origin)
+                    elif auditor is not None and isinstance(exc, ProtocolViolation |
+                                                            BadRequestError):
                         await auditor.protocol_rejected(request, exc.message,
                                                         http_status=exc.http_status)
                 if route.render_error is not None and conn.our_state is h11.SEND_RESPONSE:

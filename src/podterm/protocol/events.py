@@ -173,6 +173,8 @@ class Open:
     ``command`` None means an interactive login shell.  ``env`` is a tuple of
     ``(name, value)`` pairs in the order given, so the event stays hashable.
     ``window`` is the credit window both sides use on this stream.
+    ``session`` is the gateway's session id for the stream (a label the agent
+    keeps and reports in its RESUME, so another gateway can adopt the stream).
     """
 
     command: tuple[str, ...] | None
@@ -182,6 +184,7 @@ class Open:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     window: int = 256 * 1024
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,7 @@ class ResumeEntry:
     ``window`` is the stream's credit window (from its OPEN);
     ``out_start``..``out_offset`` is the part of the sender's outgoing stream it
     can still (re)send; ``in_acked`` is how much of the peer's stream it holds.
+    ``session`` (agent → gateway only) is the label the stream's OPEN carried.
     """
 
     stream_id: int
@@ -205,6 +209,7 @@ class ResumeEntry:
     out_start: int
     out_offset: int
     in_acked: int
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

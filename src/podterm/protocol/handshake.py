@@ -25,6 +25,13 @@ Extensions: none is ever accepted.  A client offering permessage-deflate gets
 a 101 without ``Sec-WebSocket-Extensions``, which RFC 6455 §9.1 defines as
 "no extension in use"; every client then speaks plain frames.
 
+Origin (§10.2, cross-site WebSocket hijacking): browsers send the page's
+``Origin`` on every upgrade and let any page open a WebSocket to any host,
+with the user's ambient credentials (cookies, a client certificate).
+:class:`OriginPolicy` is the gateway's check: no ``Origin`` (kubectl, the
+CLI, agents) passes, the gateway's own origin passes, a listed origin or
+glob passes, and anything else is :class:`OriginRefused` (403).
+
 Subprotocols: the server echoes exactly one offered subprotocol, or none.
 The bearer-token carriers (``bearer.podterm.<b64url>`` and kube-apiserver's
 ``base64url.bearer.authorization.k8s.io.<b64url>``) are credentials, not
@@ -37,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -49,6 +57,8 @@ __all__ = [
     "BEARER_PREFIXES",
     "PODTERM_BEARER_PREFIX",
     "KUBE_BEARER_PREFIX",
+    "OriginPolicy",
+    "OriginRefused",
     "UpgradeRequest",
     "accept_key",
     "accept_response",
@@ -56,6 +66,7 @@ __all__ = [
     "build_request",
     "check_response",
     "extract_bearer_subprotocol",
+    "normalize_origin",
     "parse_upgrade",
     "reject_response",
 ]
@@ -382,3 +393,182 @@ def extract_bearer_subprotocol(offered: Sequence[str]) -> tuple[str | None, list
         if not token:
             raise HandshakeError("bearer-token subprotocol carries an empty token", 400)
     return token, remaining
+
+
+# -------------------------------------------------------------------- Origin
+
+#: RFC 6454 §4: a scheme's default port is left out of its serialized origin.
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+#: ``scheme://host[:port]`` as browsers serialize an origin (RFC 6454 §6.2):
+#: lower-case, ASCII (IDNs in punycode), never a path, user or query.
+_ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+                     r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
+#: A pattern: the same, with ``*`` allowed in the host and the port.
+_PATTERN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+                      r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._*-]+)(?::(?P<port>[0-9]{1,5}|\*))?")
+#: ``Host`` header: ``host[:port]`` (RFC 9110 §7.2), IPv6 in brackets.
+_HOST = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
+#: Origins longer than this are refused unread (and cut in messages): no real
+#: origin comes close (a 253-character host name, a scheme and a port).
+MAX_ORIGIN_CHARS = 512
+
+
+def _host_key(host: str) -> str:
+    """A host for comparison: a fully qualified name's trailing dot does not count."""
+    return host[:-1] if host.endswith(".") and not host.startswith("[") else host
+
+
+def normalize_origin(origin: str) -> str | None:
+    """``origin`` serialized as RFC 6454 does, or None when it is not one.
+
+    Lower-cased, and the scheme's default port dropped
+    (``HTTPS://Example.com:443`` → ``https://example.com``).  ``null`` (a
+    sandboxed frame, a ``file:`` page), anything with a path, user
+    information, a query or a port above 65535 is not an origin here.
+    """
+    if len(origin) > MAX_ORIGIN_CHARS:
+        return None
+    match = _ORIGIN.fullmatch(origin.strip().lower())
+    if match is None:
+        return None
+    scheme, host, port = match.group("scheme", "host", "port")
+    if port is not None:
+        number = int(port)
+        if number > 65535:
+            return None
+        if number == _DEFAULT_PORTS.get(scheme):
+            port = None
+        else:
+            port = str(number)
+    return f"{scheme}://{_host_key(host)}" + (f":{port}" if port is not None else "")
+
+
+class OriginRefused(HandshakeError):
+    """An upgrade from a browser page whose origin may not open a WebSocket here (403).
+
+    Attributes:
+        origin: the ``Origin`` header as sent (cut to :data:`MAX_ORIGIN_CHARS`),
+            for the audit event.
+    """
+
+    def __init__(self, message: str, origin: str) -> None:
+        super().__init__(message, 403)
+        self.origin = origin[:MAX_ORIGIN_CHARS]
+
+
+class OriginPolicy:
+    """Which browser origins may open a WebSocket to the gateway.
+
+    An upgrade is allowed when:
+
+    1. it has no ``Origin`` header: not a browser (kubectl, the podterm CLI,
+       agents), which cannot be made to connect by a foreign page anyway;
+    2. its origin is the gateway's own: same host and port as the request's
+       ``Host`` header (a ``Host`` without a port matches the origin
+       scheme's default port).  Over TLS the origin must be ``https``; over
+       plain HTTP it may be either, because a TLS-terminating balancer in
+       front turns the browser's ``https`` page into a plain request;
+    3. its origin matches one of ``patterns``: an exact origin
+       (``https://console.example.com``, ``http://localhost:3000``) or a
+       glob where ``*`` stands for any run of characters inside the host or
+       the port, never across ``://`` or ``:`` (``https://*.example.com``,
+       ``http://localhost:*``); ``*`` alone allows every origin, ``null``
+       allows the ``null`` origin of sandboxed frames and local files.
+
+    Args:
+        patterns: allowed origins besides the gateway's own (none by default).
+
+    Raises:
+        ValueError: a pattern that is not ``*``, ``null``, or
+            ``scheme://host[:port]`` (with ``*`` globs); the message names it.
+    """
+
+    __slots__ = ("patterns", "_any", "_null", "_exact", "_globs")
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.patterns = tuple(patterns)
+        self._any = False
+        self._null = False
+        exact: set[str] = set()
+        globs: list[re.Pattern[str]] = []
+        for pattern in self.patterns:
+            text = pattern.strip().lower()
+            if text == "*":
+                self._any = True
+                continue
+            if text == "null":
+                self._null = True
+                continue
+            match = _PATTERN.fullmatch(text)
+            if match is None or len(text) > MAX_ORIGIN_CHARS:
+                raise ValueError(f"invalid origin pattern {pattern!r}: expected "
+                                 "scheme://host[:port] (e.g. https://console.example.com, "
+                                 "https://*.example.com, http://localhost:*), '*' or 'null'")
+            scheme, host, port = match.group("scheme", "host", "port")
+            if port is not None and port != "*":
+                if int(port) > 65535:
+                    raise ValueError(f"invalid origin pattern {pattern!r}: port above 65535")
+                port = None if int(port) == _DEFAULT_PORTS.get(scheme) else str(int(port))
+            host = _host_key(host)
+            if "*" not in host and port != "*":
+                exact.add(f"{scheme}://{host}" + (f":{port}" if port is not None else ""))
+                continue
+            # '*' matches inside the host (letters, digits, '.', '-', '_') or
+            # inside the port (digits): never ':' or '/', so a glob cannot
+            # reach past the part it was written in.
+            host_re = "[a-z0-9._-]*".join(re.escape(part) for part in host.split("*"))
+            port_re = "" if port is None else (":[0-9]+" if port == "*" else re.escape(f":{port}"))
+            globs.append(re.compile(re.escape(f"{scheme}://") + host_re + port_re))
+        self._exact = frozenset(exact)
+        self._globs = tuple(globs)
+
+    def __repr__(self) -> str:
+        return f"<OriginPolicy same-origin + {list(self.patterns)!r}>"
+
+    @staticmethod
+    def is_same_origin(origin: str, host: str | None, *, tls: bool) -> bool:
+        """True when ``origin`` is the origin the request was sent to (rule 2 above)."""
+        normalized = normalize_origin(origin)
+        if normalized is None or host is None:
+            return False
+        head = _HOST.fullmatch(host.strip().lower())
+        if head is None:
+            return False
+        parts = _ORIGIN.fullmatch(normalized)
+        assert parts is not None  # normalize_origin's output is an origin
+        scheme, origin_host, origin_port = parts.group("scheme", "host", "port")
+        if scheme not in (("https", "wss") if tls else ("http", "https", "ws", "wss")):
+            return False
+        if origin_host != _host_key(head.group("host")):
+            return False
+        wanted = head.group("port")
+        if wanted is None:
+            # No port in Host: the browser used the scheme's default port,
+            # which normalize_origin has left out.
+            return origin_port is None
+        effective = int(origin_port) if origin_port else _DEFAULT_PORTS.get(scheme)
+        return effective == int(wanted)
+
+    def allows(self, origin: str | None, host: str | None, *, tls: bool) -> bool:
+        """Whether an upgrade with this ``Origin`` (None: absent) and ``Host`` may proceed."""
+        if origin is None or self._any:
+            return True
+        if origin.strip().lower() == "null":
+            return self._null
+        if self.is_same_origin(origin, host, tls=tls):
+            return True
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            return False
+        return normalized in self._exact or any(g.fullmatch(normalized) for g in self._globs)
+
+    def check(self, origin: str | None, host: str | None, *, tls: bool) -> None:
+        """Raise :class:`OriginRefused` (403) unless :meth:`allows`."""
+        if self.allows(origin, host, tls=tls):
+            return
+        assert origin is not None
+        shown = origin[:100] + ("..." if len(origin) > 100 else "")
+        listed = ("only the gateway's own origin may" if not self.patterns else
+                  "only the gateway's own origin and the allowed origins may")
+        raise OriginRefused(f"origin {shown!r} may not open a WebSocket here: {listed} "
+                            "(see --allowed-origins)", origin)
