@@ -21,11 +21,21 @@ What it does (issue 9, "capacity"):
 5. prints a table, writes JSON under ``bench/results/`` and (with matplotlib)
    a PNG of keystroke latency against concurrent sessions.
 
-GC pauses are reported if the gateway's ``/metrics`` exports them (a metric
-whose name holds ``gc`` and ``pause``); otherwise the column is omitted.
+GC pauses come from the gateway's ``/metrics`` (``podterm_gc_pause_seconds``,
+a histogram per generation, and ``podterm_gc_pause_max_seconds``): the
+collections while typing and the worst of them (to the histogram's bucket:
+"<= 2 ms"), and the worst pause since start.  ``--gc-trace`` adds the older
+``gc.callbacks`` hook the benchmark installs itself (exact pauses >= 1 ms,
+but it writes a file from inside the collector: off by default).
 The event-loop lag from ``/metrics`` (``podterm_event_loop_lag_max_seconds``)
 is reported beside the latency, because it is what a GC pause or a long
 callback would show up as.
+
+``--gc-profile default,throughput,low-latency`` (or ``all``) runs the whole
+benchmark once per GC profile, each with a fresh gateway started with that
+``--gc-profile``, and adds a table comparing them at the last step: keystroke
+round trip p50/p99/p99.9, the worst GC pause while typing and since start,
+and gateway RSS per session.
 
 ``--upstream local`` runs a real login shell per session in a PTY
 (``--shell``, default bash); ``--upstream agent`` is for the echo agent
@@ -45,6 +55,7 @@ import base64
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +74,8 @@ HERE = Path(__file__).resolve().parent
 #: Most descriptors one process may hold on this machine (hard limit); a load
 #: generator keeps a margin below it for its REST connection, stdio, epoll.
 FD_BUDGET = 19_000
+#: podterm.config.GC_PROFILES (the gateway runs as a subprocess; its --gc-profile).
+GC_PROFILES = ("default", "throughput", "low-latency")
 
 
 # ----------------------------------------------------------------- upstream
@@ -234,8 +247,85 @@ def scrape_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def gc_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if "gc" in k and "pause" in k}
+_GC_SAMPLE = re.compile(r'podterm_gc_pause_(seconds_bucket|seconds_sum|seconds_count|'
+                        r'max_seconds)\{generation="(\d)"(?:,le="([^"]+)")?\}')
+_GC_PROFILE = re.compile(r'podterm_gc_profile_info\{profile="([^"]+)"\}')
+_GC_OLD = re.compile(r'podterm_gc_old_generation_collections_total\{kind="([^"]+)"\}')
+
+
+def gc_pauses(metrics: dict[str, float]) -> dict[str, Any] | None:
+    """The gateway's GC pause metrics, per generation; None if it exports none.
+
+    ``{"profile": name, "generations": {"0": {"count", "sum_s", "max_s",
+    "buckets": {le: cumulative count}}, ...}, "idle_collector": {kind: n}}``
+    """
+    gens: dict[str, dict[str, Any]] = {}
+    profile = None
+    old: dict[str, int] = {}
+    for key, value in metrics.items():
+        m = _GC_SAMPLE.fullmatch(key)
+        if m is not None:
+            kind, gen, le = m.groups()
+            g = gens.setdefault(gen, {"count": 0, "sum_s": 0.0, "max_s": 0.0, "buckets": {}})
+            if kind == "seconds_bucket":
+                g["buckets"][le] = value
+            elif kind == "seconds_sum":
+                g["sum_s"] = value
+            elif kind == "seconds_count":
+                g["count"] = int(value)
+            else:
+                g["max_s"] = value
+            continue
+        m = _GC_PROFILE.fullmatch(key)
+        if m is not None:
+            profile = m.group(1)
+            continue
+        m = _GC_OLD.fullmatch(key)
+        if m is not None:
+            old[m.group(1)] = int(value)
+    if not gens:
+        return None
+    return {"profile": profile, "generations": dict(sorted(gens.items())), "idle_collector": old or None}
+
+
+def gc_delta(before: dict[str, Any] | None, after: dict[str, Any] | None
+             ) -> dict[str, Any] | None:
+    """Collections between two scrapes, and the bucket their worst pause falls in.
+
+    ``worst_le_s`` is the smallest bucket bound that holds every pause of the
+    window (``inf``: one took longer than the last bound); 0 with no pause.
+    """
+    if after is None:
+        return None
+    out: dict[str, Any] = {"collections": {}, "total_s": 0.0, "worst_le_s": 0.0}
+    for gen, now in after["generations"].items():
+        prev = (before or {}).get("generations", {}).get(
+            gen, {"count": 0, "sum_s": 0.0, "buckets": {}})
+        count = now["count"] - prev["count"]
+        out["collections"][gen] = count
+        out["total_s"] += now["sum_s"] - prev["sum_s"]
+        if count <= 0:
+            continue
+        bounds = sorted(((math.inf if le == "+Inf" else float(le)), n)
+                        for le, n in now["buckets"].items())
+        for bound, n in bounds:
+            if n - prev["buckets"].get(_le_key(bound), 0) >= count:
+                out["worst_le_s"] = max(out["worst_le_s"], bound)
+                break
+    return out
+
+
+def _le_key(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+def fmt_le(seconds: float) -> str:
+    """A bucket bound as the worst pause: "<= 2.00 ms", "> 1 s", "none"."""
+    if seconds == 0:
+        return "none"
+    if math.isinf(seconds):
+        return "> 1 s"
+    return f"<= {C.fmt_ms(seconds)}"
 
 
 def read_tracemalloc(gw: C.GatewayProcess, env: dict[str, str], sessions: int
@@ -292,8 +382,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         env.update(C.gc_trace_env(workdir, gc_trace=ns.gc_trace, tracemalloc=ns.tracemalloc))
     C.progress(f"starting the gateway and {ns.loadgens} load generators "
                f"(steps {', '.join(map(str, steps))})")
-    gw = C.start_gateway(args=["--drain-timeout", "3s", *upstream.gateway_args], env=env,
-                         workdir=workdir)
+    gc_args = ["--gc-profile", ns.gc_profile] if ns.gc_profile else []
+    gw = C.start_gateway(args=["--drain-timeout", "3s", *gc_args, *upstream.gateway_args],
+                         env=env, workdir=workdir)
     gens: list[LoadGenProc] = []
     result: dict[str, Any] = {"steps": []}
     try:
@@ -397,8 +488,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 "gc_trace": gc_seen,
                 "latency": lat,
                 "loop_lag_max_s": metrics1.get("podterm_event_loop_lag_max_seconds", math.nan),
-                "gc": gc_metrics(metrics1) or None,
-                "gc_before": gc_metrics(metrics0) or None,
+                "gc": gc_pauses(metrics1),
+                "gc_typing": gc_delta(gc_pauses(metrics0), gc_pauses(metrics1)),
                 "reader_errors": sum(a.get("reader_errors", 0) for a in answers),
             }
             result["steps"].append(step)
@@ -416,6 +507,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                               "total": sum(a["total"] for a in answers),
                               "latency": C.percentiles(echo_rtts)}
         C.progress(f"  {result['echo_all']['echoed']} of {result['echo_all']['total']} echoed")
+        result["gc_final"] = gc_pauses(scrape_metrics(gw.url))
     finally:
         for gen in gens:
             gen.stop()
@@ -433,7 +525,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
-    has_gc = any(s.get("gc") for s in result["steps"])
+    has_gc = any(s.get("gc_typing") for s in result["steps"])
     has_trace = any(s.get("gc_trace") for s in result["steps"])
     shells_label = "shells RSS (PSS)" if ns.upstream == "local" else "agents RSS (PSS)"
     headers = ["sessions", "opened/s", "gateway RSS", "RSS/session", shells_label,
@@ -442,7 +534,7 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     if has_trace:
         headers += ["GC runs 0/1/2", "GC max pause"]
     if has_gc:
-        headers.append("GC pauses")
+        headers += ["GC runs 0/1/2 typing", "worst GC pause typing", "GC max since start"]
     rows = []
     for s in result["steps"]:
         lat = s["latency"]
@@ -462,7 +554,12 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             row += ["/".join(str(runs.get(g, 0)) for g in ("0", "1", "2")),
                     C.fmt_ms(trace.get("max_pause_s", math.nan))]
         if has_gc:
-            row.append(json.dumps(s["gc"]))
+            typing = s.get("gc_typing") or {}
+            runs = typing.get("collections", {})
+            worst = max((g["max_s"] for g in (s.get("gc") or {}).get("generations", {})
+                         .values()), default=math.nan)
+            row += ["/".join(str(runs.get(g, 0)) for g in ("0", "1", "2")),
+                    fmt_le(typing.get("worst_le_s", math.nan)), C.fmt_ms(worst)]
         rows.append(row)
     echo = result.get("echo_all", {})
     what = (f"{ns.shell or 'default shell'} login shells in PTYs" if ns.upstream == "local"
@@ -473,11 +570,15 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             + C.table(headers, rows)
             + f"\n\nEcho check at {echo.get('total', 0):,} sessions: {echo.get('echoed', 0):,} "
             f"echoed (p99 {C.fmt_ms(echo.get('latency', {}).get('p99', math.nan))})")
-    if not has_gc:
-        text += ("\nGC pauses: not exported by the gateway's /metrics yet"
-                 + ("; the GC columns come from the benchmark's own gc.callbacks hook "
-                    "(--gc-trace, a sitecustomize in the gateway's process)." if has_trace
-                    else " (omitted)."))
+    final = result.get("gc_final")
+    if final:
+        text += (f"\nGC profile {final['profile']}: worst pause since start "
+                 + ", ".join(f"gen {g} {C.fmt_ms(v['max_s'])} ({v['count']:,} runs)"
+                             for g, v in final["generations"].items())
+                 + (f"; idle collector: {final['idle_collector']}"
+                    if final.get("idle_collector") else ""))
+    elif not has_gc:
+        text += "\nGC pauses: not exported by the gateway's /metrics (omitted)."
     tm = result.get("tracemalloc")
     if tm:
         rows = [[t["where"], C.fmt_num(t["bytes_per_session"]), C.fmt_num(t["objects_per_session"], 1)]
@@ -556,8 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                    "completion scripts at start, ~0.3 s of CPU per session)")
     p.add_argument("--idle-measure", type=float, default=3.0,
                    help="seconds of idle gateway CPU measured per step (3)")
-    p.add_argument("--gc-trace", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the gateway's GC with a gc.callbacks hook (default on)")
+    p.add_argument("--gc-profile",
+                   help="the gateway's --gc-profile; a comma-separated list (or 'all': "
+                        f"{','.join(GC_PROFILES)}) runs once per profile and compares them")
+    p.add_argument("--gc-trace", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the gateway's GC with the benchmark's own gc.callbacks "
+                        "hook (exact pauses >= 1 ms; it writes a file from inside the "
+                        "collector, so it adds to the pauses; default off: /metrics has them)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the gateway while the last step types")
     p.add_argument("--tracemalloc", action="store_true",
@@ -574,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
         ns.typing_fraction, ns.echo_timeout = 0.5, 20.0
     if ns.loadgens < 1 or ns.loadgens > 200:
         p.error("--loadgens must be 1..200")
+    profiles = parse_gc_profiles(ns.gc_profile)
+    if profiles is None:
+        p.error(f"--gc-profile: a comma-separated list of {', '.join(GC_PROFILES)}, or all")
+    if len(profiles) > 1:
+        return compare_gc_profiles(ns, profiles, argv)
+    ns.gc_profile = profiles[0] if profiles else None
     result = run(ns)
     print()
     text = report(ns, result)
@@ -588,6 +700,85 @@ def main(argv: list[str] | None = None) -> int:
         **result, "report": text}), ns.out)
     C.progress(f"wrote {path}")
     ok = result.get("echo_all", {}).get("echoed") == result.get("echo_all", {}).get("total")
+    return 0 if ok else 1
+
+
+def parse_gc_profiles(value: str | None) -> list[str] | None:
+    """``--gc-profile``: [] when not given, the names in order, None if one is unknown."""
+    if not value:
+        return []
+    names = list(GC_PROFILES) if value == "all" else [v.strip() for v in value.split(",")]
+    if not names or any(n not in GC_PROFILES for n in names):
+        return None
+    return list(dict.fromkeys(names))
+
+
+def profile_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The last step of one profile's run, with its GC pauses (for the comparison)."""
+    last = result["steps"][-1]
+    typing = last.get("gc_typing") or {}
+    final = result.get("gc_final") or {}
+    gens = final.get("generations", {})
+    return {
+        "sessions": last["sessions"], "keys": last["keys"], "latency": last["latency"],
+        "gc_typing_collections": typing.get("collections"),
+        "gc_typing_worst_le_s": typing.get("worst_le_s", math.nan),
+        "gc_typing_total_s": typing.get("total_s", math.nan),
+        "gc_max_s": max((g["max_s"] for g in gens.values()), default=math.nan),
+        "gc_runs": {k: g["count"] for k, g in gens.items()},
+        "gateway_rss_per_session": last["gateway_rss_per_session"],
+        "gateway_rss": last["gateway_rss"],
+        "loop_lag_max_s": last["loop_lag_max_s"],
+        "cpu_ms_per_1000_keys": last["cpu_ms_per_1000_keys"],
+        "echo_all": result.get("echo_all"),
+    }
+
+
+def compare_report(ns: argparse.Namespace, summaries: dict[str, dict[str, Any]]) -> str:
+    headers = ["GC profile", "sessions", "keys", "RTT p50", "RTT p99", "RTT p99.9",
+               "GC runs 0/1/2 typing", "worst GC pause typing", "worst GC pause (run)",
+               "GC runs 0/1/2 (run)", "RSS/session", "loop lag max", "CPU ms/1k keys"]
+    rows = []
+    for name, s in summaries.items():
+        lat = s["latency"]
+        typing = s["gc_typing_collections"] or {}
+        runs = s["gc_runs"] or {}
+        rows.append([name, f"{s['sessions']:,}", f"{s['keys']:,}", C.fmt_ms(lat["p50"]),
+                     C.fmt_ms(lat["p99"]), C.fmt_ms(lat["p99.9"]),
+                     "/".join(str(typing.get(g, 0)) for g in ("0", "1", "2")),
+                     fmt_le(s["gc_typing_worst_le_s"]), C.fmt_ms(s["gc_max_s"]),
+                     "/".join(f"{runs.get(g, 0):,}" for g in ("0", "1", "2")),
+                     C.fmt_bytes(s["gateway_rss_per_session"]), C.fmt_ms(s["loop_lag_max_s"]),
+                     C.fmt_num(s["cpu_ms_per_1000_keys"], 0)])
+    text = (f"GC profiles compared at {rows[0][1] if rows else 0} sessions ({ns.upstream} "
+            f"upstream), {ns.typing_fraction:.0%} typing {ns.keys_per_s:g} keys/s for "
+            f"{ns.measure:g} s; one gateway per profile, run one after another\n\n"
+            + C.table(headers, rows))
+    print(text)
+    return text
+
+
+def compare_gc_profiles(ns: argparse.Namespace, profiles: list[str],
+                        argv: list[str] | None) -> int:
+    """Run the benchmark once per GC profile and compare them (no plot)."""
+    results: dict[str, dict[str, Any]] = {}
+    for name in profiles:
+        ns.gc_profile = name
+        C.progress(f"=== GC profile {name} ===")
+        results[name] = run(ns)
+        print()
+        results[name]["report"] = report(ns, results[name])
+        print()
+    summaries = {name: profile_summary(r) for name, r in results.items()}
+    text = compare_report(ns, summaries)
+    command = "bench/capacity/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ns.gc_profile = ",".join(profiles)
+    path = C.write_result("capacity", C.clean_nan({
+        "command": command.strip(), "config": vars(ns), "plot": None,
+        "profiles": results, "comparison": summaries, "report": text}), ns.out)
+    C.progress(f"wrote {path}")
+    ok = all(r.get("echo_all", {}).get("echoed") == r.get("echo_all", {}).get("total")
+             for r in results.values())
     return 0 if ok else 1
 
 

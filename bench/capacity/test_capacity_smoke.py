@@ -34,9 +34,30 @@ def test_capacity_benchmark_tiny(tmp_path: Path) -> None:
         assert step["gateway_rss"] > 0 and math.isfinite(step["gateway_rss_per_session"])
         assert step["shells"]["processes"] == step["sessions"]
     assert doc["echo_all"] == {**doc["echo_all"], "echoed": 8, "total": 8}
+    # The gateway's own GC pause metrics (/metrics), default profile.
+    assert doc["gc_final"]["profile"] == "default"
+    assert set(doc["gc_final"]["generations"]) == {"0", "1", "2"}
+    assert all(s["gc_typing"] is not None for s in steps)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert doc["plot"] is None
     else:
         assert plot.stat().st_size > 0
+
+
+def test_capacity_benchmark_compares_gc_profiles(tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(RUN), "--tiny", "--steps", "8", "--out", str(out),
+                           "--gc-profile", "default,low-latency"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert list(doc["comparison"]) == ["default", "low-latency"]
+    for name, summary in doc["comparison"].items():
+        assert doc["profiles"][name]["gc_final"]["profile"] == name
+        assert summary["sessions"] == 8 and summary["keys"] > 0
+        assert summary["latency"]["p99"] > 0
+        assert math.isfinite(summary["gateway_rss_per_session"])
+        assert summary["gc_max_s"] >= 0
+    assert "GC profiles compared at 8 sessions" in doc["report"]

@@ -18,7 +18,7 @@ Two kinds of numbers feed ``/metrics``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -31,6 +31,7 @@ __all__ = [
     "LoopLagProbe",
     "LoopLagStatistics",
     "MetricFamily",
+    "histogram",
     "render",
 ]
 
@@ -44,15 +45,18 @@ class MetricFamily:
 
     Attributes:
         name: e.g. ``podterm_sessions``; counters end in ``_total``.
-        kind: ``"counter"`` or ``"gauge"``.
+        kind: ``"counter"``, ``"gauge"`` or ``"histogram"``.
         help: one line saying what is counted.
         samples: ``(labels, value)`` pairs; ``labels`` may be empty.
+        suffixes: per sample, appended to ``name`` (a histogram's ``_bucket``,
+            ``_sum``, ``_count``); empty: every sample is named ``name``.
     """
 
     name: str
     kind: str
     help: str
     samples: tuple[tuple[Mapping[str, str], float], ...]
+    suffixes: tuple[str, ...] = ()
 
 
 def _escape_label(value: str) -> str:
@@ -75,12 +79,13 @@ def render(families: Iterable[MetricFamily]) -> str:
     for fam in families:
         lines.append(f"# HELP {fam.name} {fam.help}")
         lines.append(f"# TYPE {fam.name} {fam.kind}")
-        for labels, value in fam.samples:
+        for i, (labels, value) in enumerate(fam.samples):
+            name = fam.name + fam.suffixes[i] if fam.suffixes else fam.name
             if labels:
                 body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
-                lines.append(f"{fam.name}{{{body}}} {_format_value(value)}")
+                lines.append(f"{name}{{{body}}} {_format_value(value)}")
             else:
-                lines.append(f"{fam.name} {_format_value(value)}")
+                lines.append(f"{name} {_format_value(value)}")
     lines.append("")
     return "\n".join(lines)
 
@@ -103,6 +108,30 @@ def labelled(name: str, kind: str, help: str, label: str,
     """A family with one label, one sample per value of it."""
     return MetricFamily(name, kind, help,
                         tuple((MappingProxyType({label: k}), v) for k, v in sorted(values.items())))
+
+
+def histogram(name: str, help: str, label: str, bounds: Sequence[float],
+              series: Mapping[str, tuple[Sequence[int], float]]) -> MetricFamily:
+    """A histogram family with one label: per value of it, ``(cumulative, sum)``.
+
+    ``cumulative`` holds the count at or below each of ``bounds``, then the
+    total (the ``+Inf`` bucket, which is also ``_count``).
+    """
+    samples: list[tuple[Mapping[str, str], float]] = []
+    suffixes: list[str] = []
+    les = [_format_value(float(b)) for b in bounds] + ["+Inf"]
+    for key, (cumulative, total) in sorted(series.items()):
+        if len(cumulative) != len(les):
+            raise ValueError(f"{name}{{{label}={key!r}}}: {len(cumulative)} counts for "
+                             f"{len(les)} buckets")
+        for le, n in zip(les, cumulative, strict=True):
+            samples.append((MappingProxyType({label: key, "le": le}), n))
+            suffixes.append("_bucket")
+        samples.append((MappingProxyType({label: key}), total))
+        suffixes.append("_sum")
+        samples.append((MappingProxyType({label: key}), cumulative[-1]))
+        suffixes.append("_count")
+    return MetricFamily(name, "histogram", help, tuple(samples), tuple(suffixes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -196,3 +198,140 @@ class RingMachine(RuleBasedStateMachine):
 
 RingMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestRingAgainstModel = RingMachine.TestCase
+
+
+# --------------------------------------------------------------------------
+# Memory and copies: storage grows with the output; reads can be views.
+# --------------------------------------------------------------------------
+
+
+def test_idle_ring_holds_no_storage() -> None:
+    ring = OutputRing(capacity_bytes=1 << 20, chunk_bytes=4096)
+    assert ring.allocated_bytes == 0
+    assert ring.read_from(0) == b"" and ring.views_from(0) == []
+    assert ring.allocated_bytes == 0
+
+
+def test_a_prompt_costs_its_bytes_not_a_chunk() -> None:
+    ring = OutputRing(capacity_bytes=1 << 20, chunk_bytes=4096)
+    ring.append(b"$ " * 50)
+    assert ring.allocated_bytes == 100
+    ring.append(b"x")
+    assert ring.allocated_bytes == 101
+
+
+def test_thousand_idle_rings_with_a_prompt_cost_under_400_bytes_each() -> None:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rings = [OutputRing() for _ in range(1000)]
+        for ring in rings:
+            ring.append(b"user@pod:~$ " * 8)  # a 96-byte prompt
+        per_ring = (tracemalloc.get_traced_memory()[0] - before) / len(rings)
+    finally:
+        tracemalloc.stop()
+    assert per_ring < 400, per_ring
+
+
+def test_storage_stays_within_held_plus_one_chunk_and_released_chunks_go() -> None:
+    ring = OutputRing(capacity_bytes=64 * 1024, chunk_bytes=4096)
+    for i in range(3000):
+        ring.append(bytes([i % 256]) * (1 + (i * 7919) % 9000))
+        assert ring.allocated_bytes <= len(ring) + 4096
+        assert ring.statistics().chunks <= 64 * 1024 // 4096 + 1
+
+
+def test_views_share_the_chunks_and_copy_nothing() -> None:
+    ring = OutputRing(capacity_bytes=16, chunk_bytes=4)
+    ring.append(b"abcdefghij")
+    views = ring.views_from(2, 100)
+    assert isinstance(views, list)
+    assert [bytes(v) for v in views] == [b"cd", b"efgh", b"ij"]
+    assert all(v.readonly and isinstance(v.obj, bytearray) for v in views)
+    assert b"".join(views) == ring.read_from(2, 100)
+    assert ring.views_from(3, 3) == [memoryview(b"d"), memoryview(b"ef")]
+    assert ring.views_from(10) == []
+
+
+def test_views_below_start_are_a_gap_and_beyond_end_an_error() -> None:
+    ring = OutputRing(capacity_bytes=8, chunk_bytes=4)
+    ring.append(b"x" * 20)
+    assert ring.views_from(5) == Gap(requested=5, resume_at=12, lost=7)
+    with pytest.raises(ValueError, match="beyond the end"):
+        ring.views_from(21)
+    with pytest.raises(ValueError):
+        ring.views_from(12, -1)
+
+
+def test_views_keep_their_bytes_while_the_ring_moves_on() -> None:
+    ring = OutputRing(capacity_bytes=8, chunk_bytes=4)
+    ring.append(b"ab")
+    views = ring.views_from(0)  # the newest chunk, which grows on the next append
+    assert isinstance(views, list)
+    ring.append(b"cdefgh")  # grows past the viewed chunk (it is pinned: copied)
+    ring.append(b"0123456789" * 3)  # trims everything the views saw
+    assert [bytes(v) for v in views] == [b"ab"]
+    assert ring.read_from(ring.start) == (b"0123456789" * 3)[-8:]
+
+
+def test_append_copies_each_byte_once_into_its_chunk() -> None:
+    ring = OutputRing(capacity_bytes=16, chunk_bytes=4)
+    source = bytearray(b"abcdefghij")
+    ring.append(memoryview(source))
+    source[:] = b"z" * 10
+    assert ring.read_from(0) == b"abcdefghij"
+    assert ring.allocated_bytes == 10
+
+
+class LeanRingMachine(RingMachine):
+    """The model test again, plus views (held across appends) and the storage bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_views: list[tuple[bytes, list[memoryview]]] = []
+
+    @rule(data=st.data())
+    def view_held(self, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(self.model_start, self.total))
+        max_bytes = data.draw(st.integers(0, self.capacity + 3))
+        views = self.ring.views_from(offset, max_bytes)
+        assert isinstance(views, list)
+        i = offset - self.model_start
+        expected = self.tail[i : i + max_bytes]
+        assert b"".join(views) == expected
+        if len(self.held_views) < 8:
+            self.held_views.append((expected, views))
+
+    @invariant()
+    def held_views_never_change(self) -> None:
+        for expected, views in self.held_views:
+            assert b"".join(views) == expected
+
+    @invariant()
+    def storage_grows_only_with_output(self) -> None:
+        allocated = self.ring.allocated_bytes
+        if self.total == 0:
+            assert allocated == 0
+        assert allocated <= len(self.tail) + self.chunk
+        assert allocated <= self.ring.nbytes_allocated
+
+
+LeanRingMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                             deadline=None)
+TestLeanRingAgainstModel = LeanRingMachine.TestCase
+
+
+def test_an_empty_ring_can_start_at_any_offset() -> None:
+    ring = OutputRing(capacity_bytes=8, chunk_bytes=4)
+    ring.start_at(10)
+    assert (ring.start, ring.end, ring.allocated_bytes) == (10, 10, 0)
+    assert ring.read_from(10) == b"" and ring.read_from(3) == Gap(3, 10, 7)
+    ring.append(b"abcdef")
+    assert ring.read_from(10) == b"abcdef"
+    views = ring.views_from(11, 4)
+    assert isinstance(views, list) and b"".join(views) == b"bcde"
+    assert ring.allocated_bytes <= len(ring) + 4
+    with pytest.raises(ValueError, match="nothing was appended"):
+        ring.start_at(0)
+    with pytest.raises(ValueError):
+        OutputRing().start_at(-1)

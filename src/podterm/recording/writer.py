@@ -4,9 +4,21 @@ One :class:`RecordingWriter` serves every session of a gateway process.  Its
 :class:`~podterm.batcher.Batcher` (bounded in *bytes*: a record weighs its
 data) collects the :class:`~podterm.recording.recorder.CastRecord` entries
 of all recorders; each batch goes to a worker thread that encodes them into
-asciicast lines (:class:`~podterm.recording.asciicast.CastEncoder`, which
-carries split UTF-8 sequences over) and appends each session's lines to
+asciicast lines (:class:`CastLines`) and appends each session's lines to
 ``<dir>/<session id>.cast`` with one ``write`` per file per batch.
+
+Encoding cost: the worker thread holds the GIL while it encodes, and the event
+loop waits for the GIL meanwhile, so bytes per second of encoding is what a
+recording costs the relay (docs/benchmarks.md measured 44% of bulk
+throughput with ``json.dumps`` per chunk, ~400 MB/s).  :class:`CastLines`
+writes the same bytes as :class:`~podterm.recording.asciicast.CastEncoder`
+(``json.dumps(ensure_ascii=False)``), but a chunk that is ASCII, or complete
+valid UTF-8, is escaped bytes to bytes (``bytes.replace`` for ``\\``, ``"``
+and each control character present; UTF-8 needs nothing else escaped) with no
+``str`` decode and no JSON encoder, several times faster; only a chunk that
+splits a character or holds invalid bytes goes through the incremental
+decoder (carrying the split sequence over) and ``json.dumps``.  A line is kept
+as its parts (prefix, escaped data, suffix) and joined once per file per batch.
 
 Descriptors: a gateway may hold 9,000 sessions in a 20,000-descriptor process
 (config.LimitsConfig), so the writer keeps at most ``max_open_files`` files
@@ -27,7 +39,10 @@ another session's file, and holds what was typed at the terminal.
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
+import math
 import os
 import re
 import time
@@ -44,10 +59,11 @@ from podterm.batcher import (
     BatcherStatistics,
     FullPolicy,
 )
-from podterm.recording.asciicast import CastEncoder
+from podterm.recording.asciicast import Header, encode_event
 from podterm.recording.recorder import CastRecord, Recorder, record_weight
 
-__all__ = ["RecordingWriter", "RecordingWriterStatistics", "cast_path"]
+__all__ = ["CastLines", "RecordingWriter", "RecordingWriterStatistics", "cast_path",
+           "escape_json_utf8"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +120,155 @@ class RecordingWriterStatistics:
     bytes_written: int
 
 
+# --------------------------------------------------------------- encoding
+
+#: ``bytes.translate(None, _NOT_CONTROL)`` keeps only the C0 control bytes.
+_NOT_CONTROL = bytes(range(0x20, 0x100))
+#: How json.dumps writes each C0 control character inside a string.
+_CONTROLS: tuple[tuple[bytes, bytes], ...] = tuple(
+    (bytes((c,)), {0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f",
+                   0x0D: b"\\r"}.get(c, b"\\u%04x" % c))
+    for c in range(0x20))
+#: Above one control character in 16 bytes, or more than 4 kinds of them, the
+#: JSON encoder's single pass (~450 MB/s here) is cheaper than one
+#: ``bytes.replace`` pass (~1.5-2 GB/s) per kind (measured on this machine:
+#: a build log, 3% controls, 1,000 MB/s by replaces against 475 by json.dumps;
+#: ``ls --color``, 20%, 257 against 463).
+_DENSE = 16
+_MAX_KINDS = 4
+#: The density is judged on this much of a long chunk first.
+_SAMPLE_BYTES = 4096
+
+
+def escape_json_utf8(data: bytes) -> bytes | None:
+    """``data`` as the inside of a JSON string, bytes in, bytes out; None if not UTF-8.
+
+    The same bytes ``json.dumps(data.decode(), ensure_ascii=False)`` writes
+    between its quotes: ``\\`` and ``"`` escaped, C0 controls as ``\\n``,
+    ``\\r``, ``\\t``, ``\\b``, ``\\f`` or ``\\u00XX``; everything else (DEL
+    and every byte of a multi-byte character) as it is.
+
+    Returns:
+        None when ``data`` is not complete, valid UTF-8 (invalid bytes, or a
+        character split at its end): the caller decodes it incrementally.
+    """
+    text = None
+    if not data.isascii():
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    # Judge a long chunk on a sample first: a dense one then costs no extra full pass.
+    dense = len(data) > 2 * _SAMPLE_BYTES and \
+        len(data[:_SAMPLE_BYTES].translate(None, _NOT_CONTROL)) * _DENSE > _SAMPLE_BYTES
+    kinds: list[tuple[bytes, bytes]] = []
+    if not dense:
+        controls = data.translate(None, _NOT_CONTROL)
+        dense = len(controls) * _DENSE > len(data)
+        if controls and not dense:
+            kinds = [pair for pair in _CONTROLS if pair[0] in controls]
+            dense = len(kinds) > _MAX_KINDS
+    if dense:
+        # Escapes everywhere (colour codes, line ends): one pass of the JSON
+        # encoder beats a bytes.replace pass per kind of character.
+        if text is None:
+            text = data.decode("ascii")
+        return json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
+    out = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    for raw, escaped in kinds:
+        out = out.replace(raw, escaped)
+    return out
+
+
+class CastLines:
+    """One recording's asciicast lines: :class:`~podterm.recording.asciicast.CastEncoder`'s
+    bytes, without decoding and JSON-encoding every chunk.
+
+    Not thread-safe; one per recording.  Times are made non-decreasing and
+    rounded to microseconds as ``CastEncoder`` does.  ``output`` and ``input``
+    append a line's parts to ``out`` (join them to get the line) and append
+    nothing for a chunk that only began a character.
+
+    Args:
+        header: the recording's header.
+    """
+
+    __slots__ = ("header", "_out", "_in", "_out_carry", "_in_carry", "_last")
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self._out = codecs.getincrementaldecoder("utf-8")("replace")
+        self._in = codecs.getincrementaldecoder("utf-8")("replace")
+        # True while the decoder holds the start of a split character.
+        self._out_carry = False
+        self._in_carry = False
+        self._last = 0.0
+
+    def header_line(self) -> bytes:
+        return self.header.to_json_line()
+
+    @property
+    def last_time(self) -> float:
+        """The time of the last event encoded (0 before any)."""
+        return self._last
+
+    def _at(self, t: float) -> float:
+        t = max(t, self._last)  # (an earlier time is raised to the last one, NaN stays NaN)
+        if not 0.0 <= t < math.inf:
+            raise ValueError(f"event time {t!r} must be a finite number >= 0")
+        self._last = t
+        return round(t, 6)  # microseconds, as asciicast.encode_event writes them
+
+    def output(self, t: float, data: bytes, out: list[bytes]) -> None:
+        """Append an ``"o"`` line for ``data`` to ``out`` (or nothing, see the class)."""
+        if not data:
+            return
+        if not self._out_carry:
+            escaped = escape_json_utf8(data)
+            if escaped is not None:
+                out += (b'[%a,"o","' % self._at(t), escaped, b'"]\n')
+                return
+        text = self._out.decode(data)
+        self._out_carry = bool(self._out.getstate()[0])
+        if text:
+            out.append(encode_event(self._at(t), "o", text))
+
+    def input(self, t: float, data: bytes, out: list[bytes]) -> None:
+        """Append an ``"i"`` line for ``data`` to ``out`` (or nothing, see the class)."""
+        if not data:
+            return
+        if not self._in_carry:
+            escaped = escape_json_utf8(data)
+            if escaped is not None:
+                out += (b'[%a,"i","' % self._at(t), escaped, b'"]\n')
+                return
+        text = self._in.decode(data)
+        self._in_carry = bool(self._in.getstate()[0])
+        if text:
+            out.append(encode_event(self._at(t), "i", text))
+
+    def resize(self, t: float, cols: int, rows: int) -> bytes:
+        """An ``"r"`` line."""
+        if cols < 1 or rows < 1:
+            raise ValueError(f"resize {cols}x{rows}: both must be at least 1")
+        return encode_event(self._at(t), "r", f"{cols}x{rows}")
+
+    def finish(self, t: float) -> bytes:
+        """Lines for bytes still carried (an incomplete character at the end: U+FFFD)."""
+        lines = b""
+        text = self._out.decode(b"", final=True)
+        if text:
+            lines += encode_event(self._at(t), "o", text)
+        text = self._in.decode(b"", final=True)
+        if text:
+            lines += encode_event(self._at(t), "i", text)
+        self._out_carry = self._in_carry = False
+        return lines
+
+
+# ------------------------------------------------------------------ files
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -114,7 +279,7 @@ class _CastFile:
     __slots__ = ("session_id", "path", "encoder", "fd", "created", "pending", "closing",
                  "failed")
 
-    def __init__(self, session_id: str, path: Path, encoder: CastEncoder) -> None:
+    def __init__(self, session_id: str, path: Path, encoder: CastLines) -> None:
         self.session_id = session_id
         self.path = path
         self.encoder = encoder
@@ -192,7 +357,7 @@ class _Files:
             if kind == "h":
                 assert rec.header is not None
                 f = _CastFile(rec.session_id, cast_path(self.directory, rec.session_id),
-                              CastEncoder(rec.header))
+                              CastLines(rec.header))
                 self.files[rec.session_id] = f
                 f.pending.append(f.encoder.header_line())
             elif f is None:
@@ -206,13 +371,9 @@ class _Files:
                     self.discarded += 1
                 continue
             elif kind == "o":
-                line = f.encoder.output(rec.t, rec.data)
-                if line:
-                    f.pending.append(line)
+                f.encoder.output(rec.t, rec.data, f.pending)
             elif kind == "i":
-                line = f.encoder.input(rec.t, rec.data)
-                if line:
-                    f.pending.append(line)
+                f.encoder.input(rec.t, rec.data, f.pending)
             elif kind == "r":
                 cols, _, rows = rec.data.partition(b"x")
                 f.pending.append(f.encoder.resize(rec.t, int(cols), int(rows)))
