@@ -149,7 +149,8 @@ def _add_settings(parser: argparse._ActionsContainer, settings: Sequence[Setting
                                 default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(s.flag_name, dest=dest, metavar=s.metavar or "VALUE",
-                                default=argparse.SUPPRESS, help=text)
+                                default=argparse.SUPPRESS, help=text,
+                                action="append" if s.repeatable else "store")
 
 
 def _add_config_flag(parser: argparse._ActionsContainer, what: str) -> None:
@@ -242,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                      [client_parent])
     kubeconfig.add_argument("--context-name", metavar="NAME", default="podterm",
                             help="context (and cluster, user) name (default podterm)")
+    kubeconfig.add_argument("--client-cert", metavar="FILE",
+                            help="embed this client certificate (PEM) instead of a token")
+    kubeconfig.add_argument("--client-key", metavar="FILE",
+                            help="the private key of --client-cert (PEM, unencrypted)")
 
     certs = add("certs", "development certificates")
     certs_subs = certs.add_subparsers(title="actions", metavar="ACTION", dest="_action",
@@ -381,7 +386,8 @@ def _run_kubeconfig(ns: argparse.Namespace, env: Mapping[str, str], after: list[
                           "letters, digits, '.', '_', '-', '@', ':'")
     options = KubeconfigOptions(server=client.server, token=client.token,
                                 ca_file=client.ca_file, insecure=client.insecure,
-                                context_name=ns.context_name)
+                                context_name=ns.context_name, client_cert_file=ns.client_cert,
+                                client_key_file=ns.client_key)
     return _call("kubeconfig", options)
 
 

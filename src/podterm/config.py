@@ -53,11 +53,13 @@ from urllib.parse import urlsplit
 
 from podterm.durations import DURATION_HELP, format_duration, parse_duration
 from podterm.errors import ConfigError
+from podterm.protocol.handshake import OriginPolicy
 
 __all__ = [
     "KiB", "MiB", "GiB",
     "ListenConfig", "TLSConfig", "LimitsConfig", "SessionsConfig", "StoreConfig",
-    "AuthConfig", "AuditConfig", "RecordingConfig", "UpstreamConfig", "WorkersConfig",
+    "AuthConfig", "SecurityConfig", "AuditConfig", "RecordingConfig", "UpstreamConfig",
+    "WorkersConfig", "ClusterConfig",
     "LoggingConfig", "ServeConfig", "AgentConfig", "ClientOptions",
     "ReplayOptions", "KubeconfigOptions", "CertsInitOptions", "PolicyCheckOptions",
     "BenchOptions",
@@ -201,6 +203,41 @@ class AuthConfig:
     admin_token: str | None = field(default=None, repr=False)
     #: RBAC roles and bindings; without it only podterm:admins may act.
     policy_file: str | None = None
+    #: OIDC bearer tokens (kube-apiserver's --oidc-* rules, podterm.auth.oidc):
+    #: JWTs whose ``iss`` is this issuer, verified against ``oidc_jwks_file``
+    #: (never fetched: the gateway makes no call to the issuer); None = off.
+    oidc_issuer: str | None = None
+    #: Accepted ``aud`` values (the client ids); at least one with an issuer.
+    oidc_audiences: tuple[str, ...] = ()
+    oidc_jwks_file: str | None = None
+    oidc_username_claim: str = "sub"
+    #: None: ``ISSUER#`` unless the claim is ``email``; ``"-"``: no prefix.
+    oidc_username_prefix: str | None = None
+    #: None: OIDC users have no groups.
+    oidc_groups_claim: str | None = None
+    oidc_groups_prefix: str = ""
+    #: Kubernetes TokenReview for bearer tokens nothing else recognizes
+    #: (service-account tokens), with the upstream's kubeconfig or in-cluster
+    #: credentials.  Off by default: it sends every unknown token to the apiserver.
+    tokenreview: bool = False
+    #: ``spec.audiences`` to ask for; () = the apiserver's own.
+    tokenreview_audiences: tuple[str, ...] = ()
+    #: 2 min: kube-apiserver's --authentication-token-webhook-cache-ttl default.
+    tokenreview_cache_ttl_s: float = 120.0
+    #: A policy with ``delegate: subjectaccessreview`` asks Kubernetes
+    #: (podterm.auth.sar); without this such a policy denies what it delegates.
+    subjectaccessreview: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """What browsers may do (protocol.handshake.OriginPolicy)."""
+
+    #: Origins besides the gateway's own whose pages may open a WebSocket to it
+    #: (CSWSH defence, RFC 6455 §10.2): exact origins or globs
+    #: (``https://*.example.com``), ``*`` = any.  Clients that send no Origin
+    #: (kubectl, the CLI, agents) are never affected.
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +279,15 @@ class UpstreamConfig:
     #: fills in $KUBECONFIG when it names a single file.
     kubeconfig: str | None = None
     context: str | None = None
+    #: kube upstream: send Impersonate-User/-Group with the podterm user, so the
+    #: apiserver's RBAC and audit see the real user.  Off by default (as
+    #: KubeUpstreamOptions): the gateway's credential then needs the
+    #: ``impersonate`` verb, without which every session would be refused.
+    impersonate: bool = False
+    #: kube upstream: restart a tty shell whose connection to the pod was lost
+    #: in its last directory (SessionLimits.restore_upstreams); off, such a
+    #: session ends ``upstream_failed``.
+    restore: bool = True
     #: Shell for interactive local sessions.  load_serve_config fills in the
     #: gateway's $SHELL when it is set.
     shell: str = "/bin/sh"
@@ -251,10 +297,24 @@ class UpstreamConfig:
 class WorkersConfig:
     """Worker processes sharing the port (SO_REUSEPORT)."""
 
-    #: load_serve_config's default: one per usable core, except 1 with the
-    #: memory:// store (a per-process store cannot be shared by workers).
+    #: 1 by default (docs/ha.md, Workers): more than one is asked for.  With
+    #: the memory:// store the supervisor gives the workers a private SQLite
+    #: file instead (a per-process store cannot be shared by workers).
     count: int = 1
     gc_profile: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How peers (replicas and workers) reach each other (docs/ha.md, Peers)."""
+
+    #: This process's peer address, HOST:PORT as the other peers dial it (the
+    #: string stored as a session's and an agent's holder); None = the bound
+    #: listener's address.
+    advertise: str | None = None
+    #: A secret every peer shares; requests for a session another peer holds
+    #: are forwarded to it.  None: forwarding is off (such requests get 503).
+    peer_secret_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +337,12 @@ class ServeConfig:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Written once every listener is bound: JSON {"url", "token", "pid", "workers"}.
     ready_file: str | None = None
@@ -308,6 +370,10 @@ class AgentConfig:
     #: Load-test mode: every stream echoes its input in process, no PTY.
     echo: bool = False
     ready_file: str | None = None
+    #: Output kept per stream whatever the gateway acknowledged (1 MiB, as the
+    #: gateway's session ring): what a gateway that adopts the stream after
+    #: its first gateway died can still replay to the client.
+    retain_bytes: int = 1 * MiB
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -359,6 +425,9 @@ class KubeconfigOptions:
     ca_file: str | None = None
     insecure: bool = False
     context_name: str = "podterm"
+    #: A client certificate (PEM) and its key, embedded instead of a token.
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +669,17 @@ def _listen(value: object, src: _Source) -> object:
     return (host, int(port))
 
 
+def _advertise(value: object, src: _Source) -> object:
+    """A peer address: ``HOST:PORT`` (port 1-65535), IPv6 in brackets; kept as text."""
+    allowed = "HOST:PORT as peers reach this gateway, e.g. 10.0.0.7:7780 or [fd00::7]:7780"
+    pair = _listen(value, src)
+    assert isinstance(pair, tuple)
+    host, port = str(pair[0]), int(pair[1])
+    if port == 0:
+        raise _bad(src, value, allowed)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _cidrs(value: object, src: _Source) -> object:
     allowed = "a comma-separated list of CIDRs, e.g. 10.0.0.0/8,fd00::/8"
     if isinstance(value, str):
@@ -615,6 +695,42 @@ def _cidrs(value: object, src: _Source) -> object:
         except ValueError:
             raise ConfigError(f"{src.origin}: invalid CIDR {item!r}: expected {allowed}") from None
     return tuple(networks)
+
+
+def _items(value: object) -> list[str] | None:
+    """A list from a comma-separated string, a TOML array, or repeated flags."""
+    parts = [value] if isinstance(value, str) else value
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        return None
+    return [item.strip() for part in parts for item in part.split(",") if item.strip()]
+
+
+def _names(what: str) -> _Coerce:
+    def coerce(value: object, src: _Source) -> object:
+        items = _items(value)
+        if not items or not all(_TOKEN_TEXT.fullmatch(item) for item in items):
+            raise _bad(src, value, f"a comma-separated list, each {what} without spaces")
+        return tuple(items)
+
+    return coerce
+
+
+_TOKEN_TEXT = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # visible ASCII but ','
+
+
+def _origins(value: object, src: _Source) -> object:
+    allowed = ("a comma-separated list of origins such as https://console.example.com, "
+               "globs such as https://*.example.com or http://localhost:*, '*' or 'null'")
+    items = _items(value)
+    if items is None:
+        raise _bad(src, value, allowed)
+    for item in items:
+        try:
+            OriginPolicy([item])
+        except ValueError:
+            raise ConfigError(f"{src.origin}: invalid origin {item!r}: expected {allowed}"
+                              ) from None
+    return tuple(items)
 
 
 def _store_url(value: object, src: _Source) -> object:
@@ -726,6 +842,8 @@ class Setting:
     section: str | None = None
     table_key: str | None = None
     is_bool: bool = False
+    #: The flag may be given several times (argparse ``append``); the values add up.
+    repeatable: bool = False
 
     @property
     def flag_name(self) -> str:
@@ -751,12 +869,13 @@ class Setting:
 
 def _s(key: str, targets: str | tuple[str, ...], coerce: _Coerce, help: str, *,
        metavar: str | None = None, flag: bool = True, env: bool = True, flat: bool = True,
-       table: str | None = None, is_bool: bool = False) -> Setting:
+       table: str | None = None, is_bool: bool = False, repeatable: bool = False) -> Setting:
     """Shorthand: ``table="sessions.grace"`` names the section and key in the file."""
     section, _, table_key = table.partition(".") if table else (None, "", None)
     return Setting(key=key, targets=(targets,) if isinstance(targets, str) else targets,
                    coerce=coerce, help=help, metavar=metavar, flag=flag, env=env, flat=flat,
-                   section=section, table_key=table_key or None, is_bool=is_bool)
+                   section=section, table_key=table_key or None, is_bool=is_bool,
+                   repeatable=repeatable)
 
 
 _secs = _duration  # readability in the tables below
@@ -836,6 +955,45 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
     _s("policy", "auth.policy_file", _path,
        "RBAC roles and bindings (default: only podterm:admins may act)", metavar="FILE",
        table="auth.policy"),
+    _s("oidc-issuer", "auth.oidc_issuer", _str_value,
+       "accept OIDC JWTs whose iss is exactly this issuer URL (needs --oidc-audiences and "
+       "--oidc-jwks-file)", metavar="URL", table="auth.oidc-issuer"),
+    _s("oidc-audiences", "auth.oidc_audiences", _names("an OIDC client id"),
+       "accepted aud values of OIDC tokens (the client ids)", metavar="ID,...",
+       table="auth.oidc-audiences"),
+    _s("oidc-jwks-file", "auth.oidc_jwks_file", _path,
+       "the OIDC issuer's JWKS, re-read when it changes", metavar="FILE",
+       table="auth.oidc-jwks-file"),
+    _s("oidc-username-claim", "auth.oidc_username_claim", _str_value,
+       "OIDC claim naming the user (default sub)", flag=False,
+       table="auth.oidc-username-claim"),
+    _s("oidc-username-prefix", "auth.oidc_username_prefix", _str_value,
+       "prefix of OIDC user names; - = none (default ISSUER# unless the claim is email)",
+       flag=False, table="auth.oidc-username-prefix"),
+    _s("oidc-groups-claim", "auth.oidc_groups_claim", _str_value,
+       "OIDC claim listing the groups (default: no groups)", flag=False,
+       table="auth.oidc-groups-claim"),
+    _s("oidc-groups-prefix", "auth.oidc_groups_prefix", _str_value,
+       "prefix of OIDC group names (default none)", flag=False,
+       table="auth.oidc-groups-prefix"),
+    _s("tokenreview", "auth.tokenreview", _bool,
+       "ask the Kubernetes API (TokenReview) about bearer tokens nothing else recognizes, "
+       "with --kubeconfig or in-cluster credentials (default false)",
+       table="auth.tokenreview", is_bool=True),
+    _s("tokenreview-audiences", "auth.tokenreview_audiences", _names("an audience"),
+       "audiences TokenReview asks for (default: the apiserver's)", flag=False,
+       table="auth.tokenreview-audiences"),
+    _s("tokenreview-cache-ttl", "auth.tokenreview_cache_ttl_s", _secs(0.0, 3600.0),
+       "how long an accepted token's review is reused (default 2m)", flag=False,
+       table="auth.tokenreview-cache-ttl"),
+    _s("subjectaccessreview", "auth.subjectaccessreview", _bool,
+       "let a policy with 'delegate: subjectaccessreview' ask the Kubernetes API, with "
+       "--kubeconfig or in-cluster credentials (default false)",
+       table="auth.subjectaccessreview", is_bool=True),
+    _s("allowed-origins", "security.allowed_origins", _origins,
+       "browser origins besides the gateway's own whose pages may open WebSockets: "
+       "exact, or globs such as https://*.example.com; * = any; repeatable",
+       metavar="ORIGIN,...", table="security.allowed-origins", repeatable=True),
     _s("audit-log", "audit.log_file", _path, "write audit events as JSON lines to FILE",
        metavar="FILE", table="audit.log"),
     _s("audit-full-policy", "audit.full_policy", _choice(*AUDIT_FULL_POLICIES),
@@ -859,12 +1017,27 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
        table="upstream.kubeconfig"),
     _s("context", "upstream.context", _str_value, "kubeconfig context for the kube upstream",
        metavar="NAME", table="upstream.context"),
+    _s("impersonate", "upstream.impersonate", _bool,
+       "kube upstream: act as the podterm user (Impersonate-User/-Group), so the apiserver's "
+       "RBAC and audit see them; the gateway's credential needs the impersonate verb "
+       "(default false)", table="upstream.impersonate", is_bool=True),
+    _s("restore-shells", "upstream.restore", _bool,
+       "kube upstream: when a tty shell's connection to the pod is lost, start a new shell "
+       "in its last directory on the next input (default true)", table="upstream.restore",
+       is_bool=True),
     _s("shell", "upstream.shell", _path,
        "shell for interactive local sessions (default $SHELL, then /bin/sh)", flag=False,
        table="upstream.shell"),
     _s("workers", "workers.count", _int(1, 1024),
-       "worker processes sharing the port (default one per core; 1 with memory://)",
+       "worker processes sharing the port (SO_REUSEPORT) under one supervisor (default 1)",
        metavar="N", table="workers.count"),
+    _s("advertise", "cluster.advertise", _advertise,
+       "this gateway's address as its peers reach it, stored as the holder of its sessions "
+       "(default: the listener's address)", metavar="HOST:PORT", table="cluster.advertise"),
+    _s("peer-secret-file", "cluster.peer_secret_file", _path,
+       "secret shared by every peer (at least 16 bytes): requests for a session another "
+       "peer holds are forwarded to it (default: off, 503)", metavar="FILE",
+       table="cluster.peer-secret-file"),
     _s("gc-profile", "workers.gc_profile", _choice(*GC_PROFILES),
        "GC tuning: default, throughput or low-latency",
        metavar="default|throughput|low-latency", table="workers.gc-profile"),
@@ -899,6 +1072,9 @@ AGENT_SETTINGS: tuple[Setting, ...] = (
        is_bool=True),
     _s("ready-file", "ready_file", _path, 'write {"gateway", "pid"} as JSON once registered',
        metavar="FILE"),
+    _s("retain-bytes", "retain_bytes", _size(64 * KiB, 1 * GiB),
+       "output kept per shell for a gateway that takes over after another died "
+       "(default 1MiB; rounded up to 4 KiB)", metavar="SIZE"),
     _s("log-format", "logging.format", _choice(*LOG_FORMATS, lower=True),
        "log format (default text)", metavar="json|text", table="logging.format"),
     _s("log-level", ("logging.level", "logging.levels"), _log_level,
@@ -1085,14 +1261,6 @@ def _origin(merged: _Layer, target: str, settings: tuple[Setting, ...]) -> str:
     return target
 
 
-def _usable_cpus() -> int:
-    # sched_getaffinity honours taskset/cpusets, which is what a container gets;
-    # os.cpu_count() would report the whole machine.
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 # ---------------------------------------------------------------------------
 # Loaders
 # ---------------------------------------------------------------------------
@@ -1137,18 +1305,9 @@ def load_serve_config(flags: _Flags | None, env: Mapping[str, str],
         defaults["recording.dir"] = (recordings, _Source("default"))
     merged = _resolve(settings, flags, env, _config_path(flags, env, file_path), defaults)
 
-    # Workers: one per usable core, except that memory:// lives in one process,
-    # so a second worker could never find a session the first one holds.
-    store_url = str(merged.get("store.url", ("memory://", None))[0])
-    memory = urlsplit(store_url).scheme == "memory"
-    if "workers.count" not in merged:
-        merged["workers.count"] = (1 if memory else _usable_cpus(), _Source("default"))
-    elif memory and merged["workers.count"][0] != 1:
-        raise ConfigError(
-            f"{_origin(merged, 'workers.count', settings)}: {merged['workers.count'][0]} "
-            f"workers need a shared store, but {_origin(merged, 'store.url', settings)} is "
-            "memory:// (one process); use --store sqlite:///PATH or redis://HOST:PORT, "
-            "or --workers 1")
+    # Workers: 1 unless asked (docs/ha.md, Workers).  With memory://, which
+    # lives in one process, the supervisor hands its workers a private SQLite
+    # file instead (podterm.gateway.workers), so --workers N always works.
 
     groups = _group(merged)
     config = ServeConfig(
@@ -1158,10 +1317,12 @@ def load_serve_config(flags: _Flags | None, env: Mapping[str, str],
         sessions=SessionsConfig(**groups.get("sessions", {})),  # type: ignore[arg-type]
         store=StoreConfig(**groups.get("store", {})),  # type: ignore[arg-type]
         auth=AuthConfig(**groups.get("auth", {})),  # type: ignore[arg-type]
+        security=SecurityConfig(**groups.get("security", {})),  # type: ignore[arg-type]
         audit=AuditConfig(**groups.get("audit", {})),  # type: ignore[arg-type]
         recording=RecordingConfig(**groups.get("recording", {})),  # type: ignore[arg-type]
         upstream=UpstreamConfig(**groups.get("upstream", {})),  # type: ignore[arg-type]
         workers=WorkersConfig(**groups.get("workers", {})),  # type: ignore[arg-type]
+        cluster=ClusterConfig(**groups.get("cluster", {})),  # type: ignore[arg-type]
         logging=LoggingConfig(**groups.get("logging", {})),  # type: ignore[arg-type]
         **groups.get("", {}),  # type: ignore[arg-type]
     )
@@ -1184,6 +1345,28 @@ def _check_serve(config: ServeConfig, merged: _Layer) -> None:
     if tls.client_ca_file is not None and tls.cert_file is None:
         raise ConfigError(f"{name('tls.client_ca_file')} needs TLS: set --tls-cert and "
                           "--tls-key too")
+    if config.upstream.impersonate and config.upstream.kind != "kube":
+        # Asked for, it must happen: the apiserver's audit would not show the users.
+        raise ConfigError(f"{name('upstream.impersonate')} applies to the kube upstream, but "
+                          f"{name('upstream.kind')} is {config.upstream.kind}: use --upstream "
+                          "kube, or leave impersonation off")
+    auth = config.auth
+    if auth.oidc_issuer is None:
+        for target in ("auth.oidc_audiences", "auth.oidc_jwks_file", "auth.oidc_username_claim",
+                       "auth.oidc_username_prefix", "auth.oidc_groups_claim",
+                       "auth.oidc_groups_prefix"):
+            if target in merged:
+                raise ConfigError(f"{name(target)} is set but {name('auth.oidc_issuer')} is "
+                                  "not: OIDC needs its issuer")
+    elif not auth.oidc_audiences or auth.oidc_jwks_file is None:
+        missing = "auth.oidc_audiences" if not auth.oidc_audiences else "auth.oidc_jwks_file"
+        raise ConfigError(f"{name('auth.oidc_issuer')} is set but {name(missing)} is not: "
+                          "OIDC needs the issuer, its audiences (client ids) and its JWKS file")
+    if not auth.tokenreview:
+        for target in ("auth.tokenreview_audiences", "auth.tokenreview_cache_ttl_s"):
+            if target in merged:
+                raise ConfigError(f"{name(target)} is set but {name('auth.tokenreview')} is "
+                                  "off: turn TokenReview on, or drop the setting")
     limits = config.limits
     if limits.max_message_bytes < limits.max_frame_bytes:
         raise ConfigError(

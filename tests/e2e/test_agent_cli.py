@@ -164,3 +164,12 @@ def test_agent_cli_rejects_bad_flags(tmp_path: Path) -> None:
         timeout=RUN_TIMEOUT_S)
     assert done.returncode == 2, done.stderr
     assert b"--ca" in done.stderr
+    token = tmp_path / "agent.token"
+    token.write_text(AGENT_TOKEN + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "podterm", "agent", "--gateway", "http://127.0.0.1:1",
+         "--namespace", NS, "--pod", POD, "--token-file", str(token), "--retain-bytes", "1KiB"],
+        cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, capture_output=True,
+        timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 2, done.stderr
+    assert b"--retain-bytes" in done.stderr and b"from 64KiB" in done.stderr

@@ -363,12 +363,27 @@ def test_window_must_fit_in_ring(tmp_path: Path) -> None:
         load_serve_config({}, {}, path)
 
 
-def test_memory_store_means_one_worker() -> None:
-    with pytest.raises(ConfigError, match=r"--workers: 4 workers need a shared store.*memory://"):
-        load_serve_config({"workers": "4"}, {}, None)
+def test_one_worker_unless_asked_and_any_store_may_have_more() -> None:
+    # memory:// with --workers N: the supervisor gives the workers a private
+    # SQLite file (docs/ha.md, Workers), so it is not an error.
+    assert load_serve_config({"workers": "4"}, {}, None).workers.count == 4
     config = load_serve_config({"workers": "4", "store": "redis://r:6379/0"}, {}, None)
     assert config.workers.count == 4
-    assert load_serve_config({"store": "sqlite:///tmp/p.db"}, {}, None).workers.count >= 1
+    assert load_serve_config({"store": "sqlite:///tmp/p.db"}, {}, None).workers.count == 1
+
+
+def test_cluster_settings() -> None:
+    config = load_serve_config({"advertise": "10.0.0.7:7780", "peer_secret_file": "/s"}, {},
+                               None)
+    assert (config.cluster.advertise, config.cluster.peer_secret_file) == ("10.0.0.7:7780", "/s")
+    env = {"PODTERM_ADVERTISE": "[fd00::7]:443", "PODTERM_PEER_SECRET_FILE": "/run/s"}
+    config = load_serve_config({}, env, None)
+    assert (config.cluster.advertise, config.cluster.peer_secret_file) == ("[fd00::7]:443",
+                                                                         "/run/s")
+    assert load_serve_config({}, {}, None).cluster.advertise is None
+    for bad in ("10.0.0.7", "10.0.0.7:0", "::1:80"):
+        with pytest.raises(ConfigError, match="--advertise"):
+            load_serve_config({"advertise": bad}, {}, None)
 
 
 @pytest.mark.parametrize("url", ["memory://", "sqlite:///var/lib/podterm.db",
@@ -501,3 +516,58 @@ def test_client_token_rejects_header_injection() -> None:
     options = load_client_options({}, {"PODTERM_TOKEN": "abc.def", "TERM": "xterm-256color"})
     assert options.token == "abc.def" and "abc.def" not in repr(options)
     assert options.term == "xterm-256color"
+
+
+# -- upstream.impersonate and upstream.restore (issue 4) ----------------------
+
+
+@pytest.mark.parametrize(("flag", "target", "env_name", "table_key", "default"), [
+    ("impersonate", "impersonate", "PODTERM_IMPERSONATE", "impersonate", False),
+    ("restore-shells", "restore", "PODTERM_RESTORE_SHELLS", "restore", True),
+])
+def test_kube_upstream_switches_flag_over_env_over_file_over_default(
+        tmp_path: Path, flag: str, target: str, env_name: str, table_key: str,
+        default: bool) -> None:
+    from podterm.cli import build_parser
+
+    def value(argv: list[str], env: dict[str, str]) -> object:
+        # The real parser: --X / --no-X (BooleanOptionalAction); impersonation
+        # needs the kube upstream, so every layer runs with it.
+        flags = build_parser().parse_args(["serve", "--upstream", "kube", *argv])
+        return getattr(load_serve_config(flags, env).upstream, target)
+
+    assert value([], {}) is default
+    # Each layer flips the one below it, so each must win to pass.
+    table = write(tmp_path, f"[upstream]\n{table_key} = {str(not default).lower()}\n")
+    assert value([], {"PODTERM_CONFIG": str(table)}) is (not default)
+    flat = write(tmp_path, f"{flag} = {str(not default).lower()}\n", "flat.toml")
+    assert value(["--config", str(flat)], {}) is (not default)
+    env = {"PODTERM_CONFIG": str(table), env_name: "yes" if default else "no"}
+    assert value([], env) is default
+    assert value([f"--{flag}" if not default else f"--no-{flag}"], env) is (not default)
+    with pytest.raises(ConfigError, match=f"{env_name}: invalid value 'maybe': expected "
+                                          "true or false"):
+        value([], {env_name: "maybe"})
+
+
+def test_impersonation_needs_the_kube_upstream() -> None:
+    with pytest.raises(ConfigError, match="--impersonate applies to the kube upstream, but "
+                                          "--upstream is local"):
+        load_serve_config({"impersonate": True}, {})
+    with pytest.raises(ConfigError, match="PODTERM_IMPERSONATE applies .* PODTERM_UPSTREAM "
+                                          "is agent"):
+        load_serve_config({}, {"PODTERM_IMPERSONATE": "true", "PODTERM_UPSTREAM": "agent"})
+    # Off is fine anywhere; restore-shells is harmless without kube sessions.
+    assert not load_serve_config({"impersonate": False, "restore_shells": False}, {}) \
+        .upstream.impersonate
+
+
+def test_restore_shells_maps_to_the_session_limits() -> None:
+    from podterm.gateway.server import session_limits
+    from podterm.session.session import SessionLimits
+
+    on = session_limits(load_serve_config({"upstream": "kube"}, {}))
+    assert on.restore_upstreams == SessionLimits().restore_upstreams == frozenset({"kube"})
+    off = session_limits(load_serve_config({"upstream": "kube", "restore_shells": False}, {}))
+    assert off.restore_upstreams == frozenset()
+    assert dataclasses.replace(off, restore_upstreams=on.restore_upstreams) == on

@@ -25,7 +25,8 @@ from podterm.errors import BadRequestError, ForbiddenError
 from podterm.gateway.http import Response, json_response
 from podterm.gateway.router import Call, Route
 from podterm.session.registry import SessionRegistry
-from podterm.session.session import Session, SessionState
+from podterm.session.session import Session, SessionState, wall_iso
+from podterm.store.base import SessionRecord, SessionStore, StoreUnavailable
 from podterm.upstream.base import StreamSpec
 
 if TYPE_CHECKING:
@@ -156,6 +157,26 @@ def session_json(session: Session) -> dict[str, Any]:
     }
 
 
+def record_json(record: SessionRecord) -> dict[str, Any]:
+    """The §2 session object of a session another worker or replica runs (from the store)."""
+    return {
+        "id": record.id,
+        "owner": record.owner,
+        "state": record.state,
+        "upstream": record.upstream_kind,
+        "namespace": record.namespace or "default",
+        "pod": record.pod or "local",
+        "container": record.container or "",
+        "command": list(record.command) if record.command is not None else None,
+        "tty": record.tty,
+        "size": {"cols": record.cols, "rows": record.rows},
+        "created_at": wall_iso(record.created_at),
+        "out_offset": record.out_offset,
+        "in_offset": record.in_offset,
+        "holder": record.holder,
+    }
+
+
 def _attach_path(session_id: str) -> str:
     return f"/api/v1/sessions/{session_id}/attach"
 
@@ -165,13 +186,17 @@ class SessionsApi:
 
     ``auditor`` (optional) writes the ``admin.action`` of a DELETE (the
     session events themselves come from the registry and the session).
+    ``store`` (optional, a store peers share): the list also shows the
+    sessions other workers and replicas run, from their records.
     """
 
-    __slots__ = ("registry", "auditor")
+    __slots__ = ("registry", "auditor", "store")
 
-    def __init__(self, registry: SessionRegistry, *, auditor: Auditor | None = None) -> None:
+    def __init__(self, registry: SessionRegistry, *, auditor: Auditor | None = None,
+                 store: SessionStore | None = None) -> None:
         self.registry = registry
         self.auditor = auditor
+        self.store = store
 
     def __repr__(self) -> str:
         return f"<SessionsApi {self.registry!r}>"
@@ -212,7 +237,18 @@ class SessionsApi:
             raise ForbiddenError("?all=1 is for admins")
         owner = None if all_users else identity.user
         items = [session_json(s) for s in self.registry.sessions(owner)]
-        return json_response(200, {"items": items}, headers=(("Cache-Control", "no-store"),))
+        body: dict[str, Any] = {"items": items}
+        if self.store is not None:
+            local = {item["id"] for item in items}
+            try:
+                records = await self.store.list_sessions(owner)
+            except StoreUnavailable:
+                body["incomplete"] = True  # only this process's sessions: the store is down
+            else:
+                items.extend(record_json(r) for r in records
+                             if r.id not in local and r.state != SessionState.CLOSED.value)
+                items.sort(key=lambda item: (item["created_at"], item["id"]))
+        return json_response(200, body, headers=(("Cache-Control", "no-store"),))
 
     async def get(self, call: Call) -> Response:
         """``GET /api/v1/sessions/{id}``."""

@@ -58,22 +58,43 @@ from podterm.auth.chain import (
     StaticTokenAuthenticator,
     X509Authenticator,
 )
+from podterm.auth.providers import configured_auth
 from podterm.auth.rbac import Authorizer, ExternalAuthorizer, PolicyHolder, Target
 from podterm.config import ServeConfig
 from podterm.errors import ConfigError, PodtermError
 from podterm.gateway.admin import AdminApi, metric_families
-from podterm.gateway.agents import AgentEndpoint
+from podterm.gateway.agents import AgentCoordinator, AgentEndpoint
 from podterm.gateway.api import SESSION_ID, SessionsApi
 from podterm.gateway.attach import AttachHandler
 from podterm.gateway.auditor import Auditor, RequestContext
 from podterm.gateway.clients import ClientConnections, receive_proxy_header
-from podterm.gateway.http import HttpLimits, Request, Response, Upgraded, serve_http
+from podterm.gateway.http import (
+    HttpLimits,
+    Request,
+    Response,
+    Upgraded,
+    error_response,
+    raw_response,
+    send_and_close,
+    serve_http,
+)
 from podterm.gateway.kubeapi import ApiserverBackend, KubeApi, LocalBackend
+from podterm.gateway.peers import (
+    Peers,
+    WorkerRole,
+    format_peer_address,
+    load_peer_secret,
+    parse_peer_address,
+    peer_client_context,
+)
 from podterm.gateway.router import Call, Route, RouteHandler, Router
 from podterm.gateway.static import StaticFiles
-from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, render
+from podterm.gateway.workers import open_listeners
+from podterm.gcprofile import GcController
+from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, MetricFamily
 from podterm.net.clientaddr import ClientAddressPolicy, resolve_connection
 from podterm.net.tls import CertReloader, server_context
+from podterm.protocol.handshake import OriginPolicy
 from podterm.protocol.proxy_header import ProxyResult
 from podterm.protocol.websocket import WsLimits
 from podterm.recording.writer import RecordingWriter
@@ -85,7 +106,7 @@ from podterm.session.session import SessionLimits
 from podterm.store import StoreError, open_store, redact_url
 from podterm.upstream.agent import AgentUpstream, AgentUpstreamOptions
 from podterm.upstream.base import Upstream
-from podterm.upstream.kube import KubeUpstream
+from podterm.upstream.kube import KubeUpstream, KubeUpstreamOptions
 from podterm.upstream.local import LocalUpstream
 
 __all__ = ["Gateway", "GatewayOptions", "main", "serve", "session_limits"]
@@ -125,9 +146,13 @@ class GatewayOptions:
             source only, until the config has keys for the others).
         authenticators: further members of the authentication chain after
             static tokens and client certificates, e.g. an ``OidcAuthenticator``
-            then a ``TokenReviewAuthenticator`` (no config keys for them yet).
+            (placed before the ones ``--oidc-issuer`` and ``--tokenreview`` add:
+            those come from the config, ``podterm.auth.providers``).
         external_authorizer: the SubjectAccessReview client a policy with
             ``delegate: subjectaccessreview`` asks (``podterm.auth.sar``).
+        worker: this process is a worker of ``podterm serve --workers N``
+            (``podterm.gateway.workers``): SO_REUSEPORT on the public
+            listener, its own peer listener, every worker's series in /metrics.
     """
 
     handle_signals: bool = False
@@ -141,6 +166,7 @@ class GatewayOptions:
     rate_limits: RateLimits = dataclasses.field(default_factory=lambda: DEFAULT_RATE_LIMITS)
     authenticators: tuple[Authenticator, ...] = ()
     external_authorizer: ExternalAuthorizer | None = None
+    worker: WorkerRole | None = None
 
 
 
@@ -180,17 +206,21 @@ def _create_target(request: Request) -> Target:
 
 
 def session_limits(config: ServeConfig) -> SessionLimits:
-    """Map ``config.sessions`` to :class:`SessionLimits`.
+    """Map ``config.sessions`` (and ``upstream.restore``) to :class:`SessionLimits`.
 
     The ring is rounded up to whole 4 KiB chunks (the ring's unit of allocation).
+    ``upstream.restore`` off empties ``restore_upstreams``; on keeps its default.
     """
     s = config.sessions
     chunk = DEFAULT_CHUNK_BYTES
     ring = -(-s.ring_bytes // chunk) * chunk
-    return SessionLimits(ring_bytes=ring, ring_chunk_bytes=chunk,
-                         window_bytes=min(s.window_bytes, ring), grace_s=s.grace_s,
-                         idle_timeout_s=s.idle_timeout_s, max_age_s=s.max_age_s,
-                         heartbeat_interval_s=s.heartbeat_interval_s)
+    limits = SessionLimits(ring_bytes=ring, ring_chunk_bytes=chunk,
+                           window_bytes=min(s.window_bytes, ring), grace_s=s.grace_s,
+                           idle_timeout_s=s.idle_timeout_s, max_age_s=s.max_age_s,
+                           heartbeat_interval_s=s.heartbeat_interval_s)
+    if not config.upstream.restore:
+        limits = dataclasses.replace(limits, restore_upstreams=frozenset())
+    return limits
 
 
 def _ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -254,8 +284,9 @@ class Gateway:
             if config.upstream.kind == "kube":
                 # --upstream kube: --kubeconfig (and --context), else the pod's
                 # service account.  ConfigError when they cannot be loaded.
-                upstreams["kube"] = KubeUpstream.from_config(config.upstream.kubeconfig,
-                                                             config.upstream.context)
+                upstreams["kube"] = KubeUpstream.from_config(
+                    config.upstream.kubeconfig, config.upstream.context,
+                    KubeUpstreamOptions(impersonate=config.upstream.impersonate))
         # Sidecar agents register at /api/v1/agents/connect; sessions reach
         # them as upstream "agent" (one given in options.upstreams is used).
         agent_upstream = upstreams.get("agent")
@@ -295,6 +326,11 @@ class Gateway:
             max_sessions=config.limits.max_sessions,
             max_sessions_per_user=config.limits.max_sessions_per_user, mirror=self.mirror,
             hooks=self.auditor)
+        # --gc-profile, applied once listening (see _serve); pauses in /metrics.
+        # Traffic (bytes relayed, requests) tells its collector when nobody waits.
+        c = self.counters
+        self.gc = GcController(config.workers.gc_profile,
+                               activity=lambda: c.bytes_in + c.bytes_out + c.http_requests)
         self.lag = (LoopLagProbe(options.lag_probe_interval_s)
                     if options.lag_probe_interval_s > 0 else None)
         self.static = StaticFiles(options.web_dir) if options.web_dir else StaticFiles()
@@ -309,23 +345,53 @@ class Gateway:
         kube_backend = (ApiserverBackend(kube) if default == "kube" and isinstance(
             kube, KubeUpstream) else LocalBackend())
         self.kubeapi = KubeApi(self.registry, self.counters, backend=kube_backend,
-                               ws_limits=ws_limits)
+                               ws_limits=ws_limits,
+                               open_timeout_s=config.limits.handshake_timeout_s)
         self.admin = AdminApi(self.registry, self.counters, self.lag, lambda: self.draining,
                               unready=self._unready)
         self.agent_endpoint = AgentEndpoint(self.agents, self.counters,
                                             draining=lambda: self.draining)
+        # With a shared store, agents are leased there (holder: our peer
+        # address) and a dead peer's agent sessions are adopted here
+        # (gateway.agents.AgentCoordinator; docs/ha.md "Agents").
+        self.agent_coordinator: AgentCoordinator | None = None
+        if self.mirror is not None:
+            self.agent_coordinator = AgentCoordinator(
+                self.agents, self.store, self.registry, holder=lambda: self.peers.address,
+                lease_ttl_s=3 * self.limits.heartbeat_interval_s,
+                grace_s=self.limits.grace_s)
+            self.mirror.on_moved = self.agent_coordinator.session_moved
         # Authentication chain, RBAC policy (reloaded on change; --policy) and
         # rate limits (docs/rbac.md).  A policy file that cannot be read stops
         # the start (ConfigError); without one only podterm:admins may act.
+        # --oidc-issuer, --tokenreview, --subjectaccessreview (ConfigError when
+        # their files or the apiserver credentials cannot be loaded).
+        self.configured_auth = configured_auth(auth, kubeconfig=config.upstream.kubeconfig,
+                                               context=config.upstream.context)
         self.chain = AuthenticatorChain([StaticTokenAuthenticator(self.authenticator),
-                                         X509Authenticator(), *options.authenticators])
+                                         X509Authenticator(), *options.authenticators,
+                                         *self.configured_auth.leading,
+                                         *self.configured_auth.trailing])
         self.policy = PolicyHolder(auth.policy_file, on_event=self._policy_event)
-        self.authorizer = Authorizer(self.policy, external=options.external_authorizer)
+        self.authorizer = Authorizer(self.policy, external=options.external_authorizer
+                                     or self.configured_auth.subjectaccessreview)
         self.limiter = RateLimiter(options.rate_limits)
+        # Peers (docs/ha.md): a request for a session another gateway process
+        # holds is forwarded to it.  A worker's secret comes from its supervisor.
+        cluster = config.cluster
+        role = options.worker
+        secret = role.secret if role is not None else (
+            load_peer_secret(cluster.peer_secret_file) if cluster.peer_secret_file else None)
+        self.peers = Peers(self.registry, self.store, secret=secret,
+                           tls=peer_client_context(config.tls), auditor=self.auditor,
+                           draining=lambda: self.draining, worker=role)
+        self.peers.local_families = self._metric_families
         self.router = Router(self._routes(), authenticator=self.authenticator,
                              counters=self.counters, auditor=self.auditor, chain=self.chain,
                              authorizer=self.authorizer, limiter=self.limiter,
-                             resolve_target=self._verb_target)
+                             resolve_target=self._verb_target,
+                             origins=OriginPolicy(config.security.allowed_origins),
+                             peers=self.peers)
         limits = config.limits
         self.http_limits = HttpLimits(
             max_header_bytes=min(limits.max_request_bytes, 64 * 1024),
@@ -343,6 +409,11 @@ class Gateway:
         self._links_lot = trio.lowlevel.ParkingLot()
         self._shutdown = trio.Event()
         self._shutdown_reason = "gateway shutting down"
+
+    @property
+    def peer_address(self) -> str:
+        """Where the other peers reach this process (``host:port``; the store's holder)."""
+        return self.peers.address
 
     def __repr__(self) -> str:
         return (f"<Gateway {self.url or 'unbound'} sessions={len(self.registry)} "
@@ -403,10 +474,12 @@ class Gateway:
         return [
             # Before the admin routes: /metrics with the upstreams' families too.
             Route.make("GET", r"/metrics", self._metrics, public=True),
+            *self.peers.routes(),
             *self.admin.routes(),
             Route.make("GET", rf"/api/v1/sessions/{SESSION_ID}/attach", self._attach,
                        websocket=True),
-            *SessionsApi(self.registry, auditor=self.auditor).routes(),
+            *SessionsApi(self.registry, auditor=self.auditor,
+                         store=None if self.store.backend == "memory" else self.store).routes(),
             *self.agent_endpoint.routes(),
             # Before the static catch-all, which would take /version, /api and /apis.
             *[dataclasses.replace(r, handler=self._counted(r.handler)) if r.websocket else r
@@ -444,7 +517,13 @@ class Gateway:
         return Upgraded(counted)
 
     async def _metrics(self, call: Call) -> Response:
-        """``/metrics``: the admin families plus the kube upstream's breaker and dials."""
+        """``/metrics``: this process's families (with workers, every worker's: peers.py)."""
+        text = await self.peers.metrics_text()
+        return Response(200, text.encode("utf-8"), CONTENT_TYPE,
+                        (("Cache-Control", "no-store"),))
+
+    def _metric_families(self) -> list[MetricFamily]:
+        """The admin families plus the kube upstream's breaker and dials, store, peers."""
         families = metric_families(self.registry, self.counters, self.lag,
                                    draining=self.draining)
         for upstream in self.registry.upstreams.values():
@@ -453,8 +532,12 @@ class Gateway:
         families += store_metric_families(self.store, self.mirror)
         families += self.clients.metric_families()
         families += self.auditor.metric_families()
-        return Response(200, render(families).encode("utf-8"), CONTENT_TYPE,
-                        (("Cache-Control", "no-store"),))
+        families += self.gc.metric_families()
+        families += self.peers.metric_families()
+        families += self.agents.metric_families()
+        if self.agent_coordinator is not None:
+            families += self.agent_coordinator.metric_families()
+        return families
 
     async def _static(self, call: Call) -> Response:
         return self.static.serve(call.request)
@@ -474,7 +557,10 @@ class Gateway:
         self.clients.count_request(request.client.via.value)
         return await self.router(request, stream, conn)
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, *, peer_link: bool = False) -> None:
+        """Serve one connection; ``peer_link``: accepted on the worker's peer listener
+        (no PROXY header there, and no per-address cap: every peer link of a
+        machine's workers comes from one address)."""
         sock = getattr(stream, "socket", None) or getattr(
             getattr(stream, "transport_stream", None), "socket", None)
         peer_addr: tuple[Any, ...] = ("?", 0)
@@ -485,7 +571,7 @@ class Gateway:
                 pass
         policy = self.client_policy
         proxy: ProxyResult | None = None
-        if policy.proxy_protocol:
+        if policy.proxy_protocol and not peer_link:
             # The header comes before any HTTP or TLS byte, so TLS is layered
             # on here rather than by the listener.
             assert isinstance(stream, trio.abc.HalfCloseableStream)
@@ -505,11 +591,11 @@ class Gateway:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True,
                                         https_compatible=True)
         client = resolve_connection(peer_addr, proxy, policy=policy)
-        if not self.clients.acquire(client.ip, client.via.value):
+        if not peer_link and not self.clients.acquire(client.ip, client.via.value):
             # One client address holds its share of the descriptor budget:
             # refuse this connection before reading any HTTP.  Keyed on the
             # client, not the socket peer: behind a balancer that is the balancer.
-            await trio.aclose_forcefully(stream)
+            await self._refuse_over_cap(stream, str(client), client.ip)
             return
         self._connections += 1
         try:
@@ -533,7 +619,27 @@ class Gateway:
                 await trio.aclose_forcefully(stream)
         finally:
             self._connections -= 1
-            self.clients.release(client.ip)
+            if not peer_link:
+                self.clients.release(client.ip)
+
+    async def _refuse_over_cap(self, stream: trio.abc.Stream, source: str, ip: str) -> None:
+        """``429`` (``Retry-After: 1``) and a ``protocol.reject`` event for a connection
+        whose client address holds ``max-connections-per-ip`` already.
+
+        Other addresses are not affected; the answer goes out before any of
+        the request is read, and the socket is closed within a second --
+        before the event is emitted, so a full audit buffer (``block``)
+        never keeps the descriptor this cap exists to protect.
+        """
+        cap = self.clients.max_per_ip
+        reason = (f"too many connections from {ip}: it holds {cap} already "
+                  "(max-connections-per-ip); close one and retry")
+        GatewayCounters.bump(self.counters.http_errors, "rate_limited")
+        await send_and_close(stream, raw_response(error_response(
+            429, reason, headers=(("Retry-After", "1"),))))
+        await self.auditor.emit("protocol.reject", outcome="rejected",
+                                context=RequestContext(source_addr=source), reason=reason,
+                                http_status=429, protocol="http/1.1")
 
     def _http_rejected(self, source: str, status: int, reason: str) -> None:
         """``protocol.reject`` for a request that broke HTTP (answered ``status``)."""
@@ -561,6 +667,7 @@ class Gateway:
         # attaches are refused with 503; the listeners close at the end.
         self.draining = True
         self.registry.drain(reason)
+        self.peers.close_links()  # their clients resume through the balancer at once
         # Never blocks: a stuck audit disk must not hold the drain up (the
         # event waits in order for room instead).
         self.auditor.emit_nowait("admin.action", action="drain", reason=reason)
@@ -640,8 +747,9 @@ class Gateway:
 
     async def _serve(self, *, task_status: trio.TaskStatus[Gateway]) -> None:
         """The root nursery: store, registry, listeners; returns when drained."""
-        listeners: list[Any] = list(await trio.open_tcp_listeners(
-            self.config.listen.port, host=self.config.listen.host))
+        worker = self.options.worker
+        listeners: list[Any] = list(await open_listeners(
+            self.config.listen.host, self.config.listen.port, reuse_port=worker is not None))
         context = self.ssl_context
         tls_listener = context is not None and not self.client_policy.proxy_protocol
         if tls_listener:
@@ -656,15 +764,37 @@ class Gateway:
         self.host = host
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{'https' if self.ssl_context else 'http'}://{shown}:{port}"
+        # A worker listens for its peers on its own port (127.0.0.1, or the
+        # --advertise host): the holder address of its sessions (docs/ha.md).
+        advertise = self.config.cluster.advertise
+        peer_listeners: list[Any] = []
+        if worker is not None:
+            peer_host = parse_peer_address(advertise)[0] if advertise else "127.0.0.1"
+            try:
+                peer_listeners = list(await trio.open_tcp_listeners(0, host=peer_host))
+            except BaseException:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+                raise
+            peer_port = peer_listeners[0].socket.getsockname()[1]
+            if context is not None:
+                peer_listeners = [trio.SSLListener(lst, context, https_compatible=True)
+                                  for lst in peer_listeners]
+            self.peers.set_address(format_peer_address(peer_host, peer_port))
+        else:
+            self.peers.set_address(advertise or f"{shown}:{port}")
+        listeners += peer_listeners
         try:
             async with trio.open_nursery() as root:
                 # The store before the registry: the first create writes to it.
                 await root.start(self.store.run)
                 if self.mirror is not None:
-                    self.mirror.holder = f"{shown}:{port}"
+                    self.mirror.holder = self.peers.address
                     if self.store.backend == "sqlite":
                         await self._close_stale(self.mirror)
                 await root.start(self.registry.run)
+                if self.agent_coordinator is not None:
+                    await root.start(self.agent_coordinator.run)
                 # --policy: reloaded when the file changes (policy.reload events).
                 await root.start(self.policy.run)
                 tls = self.config.tls
@@ -682,10 +812,19 @@ class Gateway:
 
                     async def accept() -> None:
                         with accept_scope:
-                            await trio.serve_listeners(self._handle, listeners,
-                                                       handler_nursery=connections)
+                            public = listeners[:len(listeners) - len(peer_listeners)]
+                            async with trio.open_nursery() as acceptors:
+                                if peer_listeners:
+                                    acceptors.start_soon(functools.partial(
+                                        trio.serve_listeners,
+                                        functools.partial(self._handle, peer_link=True),
+                                        peer_listeners, handler_nursery=connections))
+                                await trio.serve_listeners(self._handle, public,
+                                                           handler_nursery=connections)
 
                     connections.start_soon(accept)
+                    # Start-up allocations are done: freeze them, tune the GC.
+                    await root.start(self.gc.run)
                     if self.config.ready_file:
                         payload: dict[str, Any] = {"url": self.url, "pid": os.getpid(),
                                                    "workers": 1}
@@ -711,6 +850,8 @@ class Gateway:
             for listener in listeners:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(listener)
+            with trio.CancelScope(shield=True):
+                await self.configured_auth.aclose()  # the apiserver client's idle sockets
             log.info("gateway.stop.complete")
 
 
@@ -729,7 +870,14 @@ async def serve(config: ServeConfig, *, options: GatewayOptions | None = None,
 
 
 def main(config: ServeConfig) -> int:
-    """``podterm serve``: run until SIGTERM/SIGINT and the drain; 0 on a clean exit."""
+    """``podterm serve``: run until SIGTERM/SIGINT and the drain; 0 on a clean exit.
+
+    ``--workers N`` above 1 runs the supervisor instead (``podterm.gateway.workers``).
+    """
+    if config.workers.count > 1:
+        from podterm.gateway import workers
+
+        return workers.main(config)
     try:
         trio.run(_main, config)
     except ConfigError as exc:

@@ -47,6 +47,30 @@ reconnect is recognised and dropped: nothing is typed twice.  Because the
 buffer belongs to the session, a takeover or disconnect can never leave an
 input byte half-written.
 
+An upstream that confirms input (:class:`ConfirmsInput`: the agent tunnel,
+whose agent ACKs what it wrote to the shell) moves ``in_written`` only as far
+as it confirmed, and ``hello.in_acked`` says the same: a client then keeps
+every byte this gateway merely passed on, so if the gateway dies, the one
+that adopts the session gets those bytes re-sent, and drops exactly the ones
+the shell already had (its input offset is the agent's).
+
+Adopted sessions
+----------------
+A session whose gateway died can be re-created by another one
+(:meth:`Session.resume_at`, before it runs): same id, owner and spec, its
+output ring starting at the offset its client is known to hold, its input
+offset the upstream's, and its resume token known only by its hash.  It
+starts *detached*; until its output reaches what the upstream had produced
+when it was adopted (``catch_up_to``) it reads the upstream without waiting
+for ACKs (the ring holds all of it) and an attach beyond what it has is
+"unavailable, retry" rather than ``bad_offset``.
+
+An upstream that fails with close code 1001 (:class:`UpstreamError`) has
+*moved*: another gateway serves the shell now.  The session then ends
+``moved``: its clients get ``drain`` and close 1001 (reconnect: they reach
+the new gateway), and the store record is left alone (it is the new
+gateway's).
+
 Tasks: the session runs three — the supervisor (process exit and the timers),
 the output pump and the input pump — in its own nursery inside the registry's.
 
@@ -89,11 +113,19 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
-from podterm.errors import BadRequestError, ConflictError, GoneError, PodtermError, UpstreamError
+from podterm.errors import (
+    BadRequestError,
+    CloseCode,
+    ConflictError,
+    GoneError,
+    PodtermError,
+    Unavailable,
+    UpstreamError,
+)
 from podterm.metrics import GatewayCounters
 from podterm.protocol.events import Drain, Hello
 from podterm.protocol.events import Gap as GapNotice
@@ -101,10 +133,13 @@ from podterm.recording.recorder import Recorder, RecordingFailed
 from podterm.session.attachment import Attachment, Mode
 from podterm.session.context import restore_spec
 from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing, channel_runs
+from podterm.store.base import hash_resume_token, token_matches
 from podterm.upstream.base import Context, ExitStatus, OutputChannel, StreamSpec, UpstreamStream
 
 __all__ = [
     "BadOffset",
+    "ConfirmsInput",
+    "MayOutlive",
     "Session",
     "SessionLimits",
     "SessionState",
@@ -123,6 +158,33 @@ MAX_NOTICES = 4
 
 #: Opens a new stream on the session's upstream (bound to its owner): shell restore.
 Reopen = Callable[[StreamSpec], Awaitable[UpstreamStream]]
+
+#: Why a session ends when its upstream moved to another gateway.
+MOVED = "moved"
+
+
+@runtime_checkable
+class ConfirmsInput(Protocol):
+    """An upstream stream that tells how much input really reached the process.
+
+    ``input_confirmed`` is in the stream's own input offsets (the bytes given
+    to ``send_stdin``, counted from where the stream started); the callback
+    set with :meth:`on_input_confirmed` runs whenever it moves.
+    """
+
+    @property
+    def input_confirmed(self) -> int: ...
+
+    def on_input_confirmed(self, callback: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class MayOutlive(Protocol):
+    """An upstream stream whose process may outlive its close (an agent stream closed
+    while the agent was away: the process runs on in the agent)."""
+
+    @property
+    def left_running(self) -> bool: ...
 
 
 class SessionObserver(Protocol):
@@ -250,7 +312,8 @@ def new_resume_token() -> str:
     return secrets.token_urlsafe(18)
 
 
-def _wall_iso(epoch: float) -> str:
+def wall_iso(epoch: float) -> str:
+    """Wall-clock seconds as the API's UTC timestamp, ``2026-11-25T19:07:32.123Z``."""
     t = time.gmtime(epoch)
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(epoch % 1 * 1000):03d}Z"
 
@@ -283,7 +346,7 @@ class Session:
 
     __slots__ = (
         "id", "owner", "spec", "upstream_kind", "limits", "created_at", "created_mono",
-        "ring", "writer_acked", "in_offset", "in_written", "resume_token", "writer", "viewers",
+        "ring", "writer_acked", "in_offset", "_in_sent", "resume_token", "writer", "viewers",
         "exit_status", "end_reason", "cols", "rows", "last_activity", "attaches",
         "_stream", "_counters", "_marks", "_in_chunks", "_in_pending", "_stdin_dead",
         "_input_closed", "_input_eof_at",
@@ -293,7 +356,8 @@ class Session:
         "_timer_scope", "_kill_reason", "_on_closed", "_exited_by_itself", "_drain_reason",
         "restores", "_reopen", "_nursery", "_out_pumping", "_lost", "_lost_context",
         "_restore_wanted", "_notices", "_watch",
-        "recorder", "_observer",
+        "recorder", "_observer", "_in_floor", "_confirmer", "_confirm_base", "_token_hash",
+        "_catch_up_to", "_size_unsent",
     )
 
     def __init__(self, session_id: str, *, owner: str, spec: StreamSpec, upstream_kind: str,
@@ -306,23 +370,37 @@ class Session:
         self.spec = spec
         self.upstream_kind = upstream_kind
         self.limits = limits
-        self.created_at = _wall_iso(time.time())
+        self.created_at = wall_iso(time.time())
         self.created_mono = now
         self.ring = OutputRing(limits.ring_bytes, limits.ring_chunk_bytes)
         #: Output offset the writer has ACKed; survives detaches (flow control).
         self.writer_acked = 0
         #: Input bytes accepted (buffered or written); what ``hello.in_acked`` says.
         self.in_offset = 0
-        #: Input bytes written to the upstream; what input ACKs carry.
-        self.in_written = 0
+        # Input bytes written to the upstream (``in_written`` unless it confirms input).
+        self._in_sent = 0
+        # Input handled without the upstream (discarded: nobody reads it any more).
+        self._in_floor = 0
+        # The upstream's input confirmation, mapped to our offsets by the base.
+        self._confirmer: ConfirmsInput | None = None
+        self._confirm_base = 0
+        #: The hash of the resume token, when only the hash is known (adopted).
+        self._token_hash: str | None = None
+        # Adopted: read the upstream up to here without waiting for ACKs.
+        self._catch_up_to: int | None = None
         self.resume_token = new_resume_token()
         self.writer: Attachment | None = None
         self.viewers: list[Attachment] = []
         self.exit_status: ExitStatus | None = None
         #: Why the session ended (``exited``, ``killed``, ``grace``, ...), once closed.
         self.end_reason: str | None = None
-        self.cols = spec.cols
-        self.rows = spec.rows
+        # A tty spec of 0x0: the upstream was opened without a size (kubectl's
+        # sessions on the kube upstream: kubectl sends its own right after the
+        # upgrade).  80x24 stands in (hello, recording) until the first resize,
+        # which is passed on even when it is 80x24.
+        self._size_unsent = spec.tty and not (spec.cols and spec.rows)
+        self.cols = spec.cols or 80
+        self.rows = spec.rows or 24
         self.last_activity = now
         self.attaches = 0
         self._stream = stream
@@ -366,6 +444,7 @@ class Session:
         #: The session's recorder (set by the registry's hooks before it runs), or None.
         self.recorder: Recorder | None = None
         self._observer = observer
+        self._bind_input(stream)
 
     # ------------------------------------------------------------------ state
 
@@ -409,6 +488,47 @@ class Session:
     def stream(self) -> UpstreamStream:
         """The upstream stream (for statistics; the session owns it)."""
         return self._stream
+
+    @property
+    def in_written(self) -> int:
+        """Input bytes handled: written to the upstream, or, for an upstream that
+        confirms input, confirmed by it.  What input ACKs carry."""
+        confirmer = self._confirmer
+        if confirmer is None:
+            return self._in_sent
+        confirmed = self._confirm_base + confirmer.input_confirmed
+        return max(self._in_floor, min(confirmed, self._in_sent))
+
+    @property
+    def _in_acked(self) -> int:
+        """``hello.in_acked``: what a client may forget (confirmed input, or accepted)."""
+        return self.in_written if self._confirmer is not None else self.in_offset
+
+    def _bind_input(self, stream: UpstreamStream) -> None:
+        """Follow ``stream``'s input confirmations (if it gives any) from our offset now."""
+        if isinstance(stream, ConfirmsInput):
+            self._confirmer = stream
+            self._confirm_base = self._in_sent - stream.input_confirmed
+            stream.on_input_confirmed(self._input_confirmed)
+        else:
+            self._confirmer = None
+
+    def _input_confirmed(self) -> None:
+        if self.writer is not None:
+            self.writer.wake()  # an input ACK may be due
+
+    @property
+    def left_running(self) -> bool:
+        """True once ended, if its process runs on upstream (see :class:`MayOutlive`)."""
+        stream = self._stream
+        return self._closed and isinstance(stream, MayOutlive) and stream.left_running
+
+    @property
+    def resume_token_hash(self) -> str:
+        """What the store keeps of the current resume token."""
+        if self._token_hash is not None:
+            return self._token_hash
+        return hash_resume_token(self.resume_token)
 
     def __repr__(self) -> str:
         return (f"<Session {self.id} {self.state.value} writers={1 if self.writer else 0} "
@@ -475,6 +595,14 @@ class Session:
         try:
             while True:
                 room = window - (ring.end - self.writer_acked)
+                catch_up = self._catch_up_to
+                if catch_up is not None:
+                    if ring.end >= catch_up:
+                        self._caught_up()
+                    else:
+                        # Adopted: what the upstream had produced is read at once
+                        # (resume_at made sure the ring holds all of it).
+                        room = max(room, catch_up - ring.end)
                 if room <= 0:
                     # Flow control: the writer has a full window unacknowledged
                     # (attached or not).  The process blocks on its terminal.
@@ -505,6 +633,54 @@ class Session:
             self._out_pumping = False
             self._status_lot.unpark_all()
             self._wake_links()
+
+    def _caught_up(self) -> None:
+        self._catch_up_to = None
+        self._status_lot.unpark_all()
+
+    @property
+    def catching_up(self) -> bool:
+        """True while an adopted session reads what its upstream had produced."""
+        return self._catch_up_to is not None and not self._eof and not self._closed
+
+    async def wait_caught_up(self) -> None:
+        """Wait until :attr:`catching_up` is False (the caller bounds the wait)."""
+        await self._wait_status(lambda: not self.catching_up)
+
+    def resume_at(self, *, out_offset: int, in_offset: int, token_hash: str,
+                  catch_up_to: int) -> None:
+        """Continue a session another gateway ran (adoption); call before :meth:`run`.
+
+        Args:
+            out_offset: the first output byte the upstream will send (what the
+                client is known to hold, or the oldest the upstream still has):
+                the ring starts there, and so does the writer's ACK.
+            in_offset: the input the upstream has received: accepted and
+                written from the start, so a client re-sending more is
+                deduplicated exactly there.
+            token_hash: the stored hash of the current resume token.
+            catch_up_to: the output the upstream had produced when adopted.
+
+        Raises:
+            ValueError: the session runs already, or ``catch_up_to`` is more
+                than the ring holds past ``out_offset``.
+        """
+        if self._started or self.ring.end or self.in_offset:
+            raise ValueError("resume_at() is for a new session, before it runs")
+        if catch_up_to - out_offset > self.ring.capacity_bytes or catch_up_to < out_offset:
+            raise ValueError(f"cannot catch up from {out_offset} to {catch_up_to} with a ring "
+                             f"of {self.ring.capacity_bytes} bytes")
+        ring = self.ring
+        # OutputRing has no public seek, and an empty ring may start at any
+        # offset: its chunk bookkeeping follows ``end`` on the first append.
+        ring._start = ring._end = out_offset  # noqa: SLF001
+        self.writer_acked = out_offset
+        self.in_offset = self._in_sent = self._in_floor = in_offset
+        self._bind_input(self._stream)
+        self._token_hash = token_hash or None
+        self._ever_attached = True  # a client had it: it starts detached, grace running
+        self._detached_since = trio.current_time()
+        self._catch_up_to = catch_up_to if catch_up_to > out_offset else None
 
     def ack_output(self, attachment: Attachment, offset: int) -> None:
         """Record an output ACK from ``attachment``'s client.
@@ -551,7 +727,8 @@ class Session:
                 # so the client's buffer empties instead of growing.
                 n = len(data)
                 self.in_offset += n
-                self.in_written += n
+                self._in_sent += n
+                self._in_floor = self.in_offset
                 attachment.wake()
                 return
             space = limit - self._in_pending
@@ -614,7 +791,7 @@ class Session:
                 # The process closed its input or is gone: what is buffered
                 # can never be written.  Count it as handled, from now on too.
                 self._stdin_dead = True
-                self.in_written = self.in_offset
+                self._in_sent = self._in_floor = self.in_offset
                 chunks.clear()
                 self._in_pending = 0
                 self._space_lot.unpark_all()
@@ -623,7 +800,7 @@ class Session:
                 return
             chunks.popleft()
             self._in_pending -= len(piece)
-            self.in_written += len(piece)
+            self._in_sent += len(piece)
             self._space_lot.unpark_all()
             if self.writer is not None:
                 self.writer.wake()  # an input ACK is due
@@ -672,11 +849,12 @@ class Session:
         """Set the terminal size; 0 in either keeps that dimension (docs/protocol.md §4)."""
         cols = cols or self.cols
         rows = rows or self.rows
-        if (cols, rows) == (self.cols, self.rows):
+        if (cols, rows) == (self.cols, self.rows) and not self._size_unsent:
             return
         self.cols, self.rows = cols, rows
         if self._closed or self.is_exited:
             return
+        self._size_unsent = False
         if self.recorder is not None:
             self.recorder.resize(cols, rows)
         try:
@@ -726,11 +904,17 @@ class Session:
         if self._closed:
             raise GoneError(f"session {self.id} has ended")
         ring = self.ring
+        if (self._catch_up_to is not None and ring.end < offset <= self._catch_up_to
+                and not self._eof):
+            # Adopted, and the upstream's replay has not reached the client yet.
+            raise Unavailable(f"session {self.id} is being taken over by this gateway; "
+                              "retry in a moment")
         if offset < 0 or offset > ring.end:
             raise BadOffset(f"offset {offset} is beyond the {ring.end} bytes of output "
                             "this session has produced")
-        token_ok = resume_token is not None and hmac.compare_digest(
+        token_ok = resume_token is not None and (hmac.compare_digest(
             resume_token.encode("utf-8", "replace"), self.resume_token.encode("ascii"))
+            or (self._token_hash is not None and token_matches(self._token_hash, resume_token)))
         old = self.writer
         if mode is Mode.RW and old is not None:
             if not token_ok:
@@ -738,7 +922,8 @@ class Session:
                                     "read-only, or resume with the current resume token")
             old.request_close(4409, "taken over by a resumed connection")
             self._counters.takeovers += 1
-        att = Attachment(self, mode, offset, self.in_offset, ring.end)
+        in_acked = self._in_acked
+        att = Attachment(self, mode, offset, in_acked, ring.end)
         att.resumed = token_ok
         token: str | None = None
         notices = self._hello_notices(mode)
@@ -747,6 +932,7 @@ class Session:
             self._ever_attached = True
             self._detached_since = None
             self.resume_token = token = new_resume_token()
+            self._token_hash = None  # the adopted token's hash is history now
             if offset > self.writer_acked:
                 # The client has seen everything before ``offset``.
                 self.writer_acked = offset
@@ -767,7 +953,7 @@ class Session:
         att.notify(Hello(
             session=self.id, resume_token=token,
             state="exited" if self.is_exited else "running", mode=mode.value,
-            out_offset=start, ring_start=ring.start, in_acked=self.in_offset,
+            out_offset=start, ring_start=ring.start, in_acked=in_acked,
             cols=self.cols, rows=self.rows, window=limits.window_bytes,
             heartbeat_s=limits.heartbeat_interval_s, notices=notices,
             stdin_closed=self._input_closed))
@@ -916,8 +1102,8 @@ class Session:
             try:
                 reason = await self._wait_timed(wait_exit)
             except UpstreamError as exc:
-                if not self._can_restore():
-                    raise
+                if exc.close_code == CloseCode.GOING_AWAY or not self._can_restore():
+                    raise  # moved to another gateway: nothing to restore here
                 reason = await self._restore(stream, exc)
                 if reason is not None:
                     return reason
@@ -987,10 +1173,13 @@ class Session:
         except Exception as exc:
             # The upstream failed, or a bug: it ends this session, never the
             # registry (and with it every other session).
-            failed = exc.split(UpstreamError)[0] if isinstance(exc, ExceptionGroup) else (
-                exc if isinstance(exc, UpstreamError) else None)
-            reason = "upstream_failed" if failed else "internal_error"
-            log.error("session.run.failed %s: %s", self.id, reason, exc_info=exc)
+            failed = _upstream_error(exc)
+            if failed is not None and failed.close_code == CloseCode.GOING_AWAY:
+                reason = MOVED
+                log.info("session.moved %s: %s", self.id, failed.message)
+            else:
+                reason = "upstream_failed" if failed else "internal_error"
+                log.error("session.run.failed %s: %s", self.id, reason, exc_info=exc)
         finally:
             self._nursery = None
             self.end_reason = reason
@@ -1011,6 +1200,11 @@ class Session:
             for att in self.links():
                 if reason == "exited":
                     att.wake()  # EXIT + 1000 where not sent yet
+                elif reason == MOVED:
+                    # Another gateway runs it now: reconnect (and reach it there).
+                    if att.close is None:
+                        att.notify(Drain("the session moved to another gateway"))
+                        att.request_close(1001, "session moved: reconnect and resume")
                 else:
                     att.request_close(4410, f"session ended ({reason})")
             self._space_lot.unpark_all()
@@ -1051,7 +1245,7 @@ class Session:
         if self._in_chunks:
             self._in_chunks.clear()
         self._in_pending = 0
-        self.in_written = self.in_offset
+        self._in_sent = self._in_floor = self.in_offset
         self._space_lot.unpark_all()
         if self.writer is not None:
             self.writer.wake()
@@ -1128,6 +1322,7 @@ class Session:
         # 3. The new shell takes over.
         note = f"shell restarted {where} after the connection to the pod was lost"
         self._stream = result
+        self._bind_input(result)
         self._lost = None
         self._restore_wanted = False
         self._eof = False
@@ -1156,6 +1351,20 @@ class Session:
     def on_closed(self, callback: Callable[[Session], None]) -> None:
         """Call ``callback(session)`` once the session has ended (the registry's hook)."""
         self._on_closed.append(callback)
+
+
+def _upstream_error(exc: Exception) -> UpstreamError | None:
+    """The :class:`UpstreamError` that ended a session's run, if that is what did."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        group = exc.split(UpstreamError)[0]
+        while isinstance(group, ExceptionGroup):
+            inner = group.exceptions[0]
+            if not isinstance(inner, ExceptionGroup):
+                return inner if isinstance(inner, UpstreamError) else None
+            group = inner
+    return None
 
 
 def _where(context: Context | None) -> str:
