@@ -1,8 +1,14 @@
-"""The sidecar agent and the agent upstream, end to end over loopback (issue 5 item 1).
+"""The sidecar agent and the agent upstream, end to end over loopback (issue 5 items 1, 3).
 
 A real gateway (``serve`` in the test's nursery) and a real :class:`Agent` in
 the same trio run; the agent's shells are real PTY and pipe processes.  The
 agent's link goes through a proxy where a test needs to cut it or stall it.
+
+The last section runs two gateways sharing a real Redis: an agent that moves
+from one to the other takes its sessions along (the new gateway adopts them,
+the old one hands them over), and the adoption rules are checked one by one
+against a memory store.  A gateway killed outright (``kill -9``) is the
+subprocess test ``tests/e2e/test_ha_failover.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +26,31 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 from tests.helpers.cutproxy import open_cut_proxy
+from tests.helpers.proxylb import open_proxy_lb
+from tests.helpers.redis_server import RedisServer, redis_server_available, running_redis
 
-from podterm.agent.main import Agent, AgentOptions
-from podterm.config import AgentConfig, AuthConfig, ServeConfig, TLSConfig
-from podterm.errors import HandshakeError
+from podterm.agent.main import Agent, AgentOptions, options_from_config
+from podterm.config import AgentConfig, AuthConfig, ServeConfig, StoreConfig, TLSConfig
+from podterm.errors import HandshakeError, NotFoundError, Unavailable
+from podterm.gateway.agents import AgentCoordinator
+from podterm.metrics import GatewayCounters
 from podterm.net.certs import generate_dev_pki
 from podterm.net.tls import client_context
 from podterm.net.wsconn import connect
+from podterm.protocol.events import Drain, Open, Resume, ResumeEntry
+from podterm.protocol.tunnel import TunnelCodec, TunnelRole
+from podterm.session.registry import SessionRegistry
 from podterm.session.session import SessionLimits
-from podterm.store.base import PodIdentity
-from podterm.upstream.agent import AGENTS_PATH, SUBPROTOCOL, AgentUpstream
+from podterm.store.base import AgentLease, PodIdentity, SessionRecord, hash_resume_token
+from podterm.store.memory import MemoryStore
+from podterm.upstream.agent import (
+    AGENTS_PATH,
+    SUBPROTOCOL,
+    AgentInfo,
+    AgentUpstream,
+    AnnouncedStream,
+    ConnectVerdict,
+)
 from podterm.upstream.base import OutputChannel, StreamSpec
 
 if TYPE_CHECKING:
@@ -285,6 +306,40 @@ async def test_cut_link_resumes_every_byte_and_keeps_the_shell(gateway: GatewayU
                 await delete(gateway, created["id"])
 
 
+async def test_input_is_acknowledged_only_once_the_agent_has_it(gateway: GatewayUnderTest,
+                                                                tokens: Tokens) -> None:
+    """The client may forget input only when the agent wrote it to the process: input
+    the gateway holds while the agent is away stays unacknowledged (a gateway dying
+    then costs nothing: the client re-sends it to whichever gateway adopts the shell)."""
+    async with open_cut_proxy("127.0.0.1", gateway.port) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}"
+        async with running_agent(url, token_file=str(tokens.agent)) as agent:
+            with trio.fail_after(WAIT_S * 2):
+                await agent.wait_registered()
+                created = await create(gateway, ["cat"], tty=False)
+                client = await gateway.attach(created["id"])
+                await client.wait_hello()
+                await client.send_stdin(b"first\n")
+                await client.wait_output(b"first\n")
+                await client.wait_for(lambda c: 6 in c.in_acks)
+                session = gateway.registry.get(created["id"])
+                proxy.block()
+                await agent.wait_disconnected()
+                await agents_of(gateway).wait_disconnected(TARGET)
+                await client.send_stdin(b"second\n")
+                # The session took the bytes and passed them to the agent stream...
+                await wait_until(lambda: session.in_offset == 13
+                                 and session.statistics().input_buffered == 0)
+                # ...but what input ACKs carry stays where the agent confirmed it.
+                assert session.in_written == 6
+                proxy.unblock()
+                await client.wait_output(b"first\nsecond\n")
+                await client.wait_for(lambda c: 13 in c.in_acks)
+                assert set(client.in_acks) == {6, 13}
+                await client.aclose()
+                await delete(gateway, created["id"])
+
+
 async def test_ring_overflow_while_away_is_reported_as_a_gap(gateway: GatewayUnderTest,
                                                              tokens: Tokens) -> None:
     """More output than the agent's ring while the link is down: the loss is counted
@@ -306,13 +361,15 @@ async def test_ring_overflow_while_away_is_reported_as_a_gap(gateway: GatewayUnd
                 # seq's ~170 KB overflow the 64 KiB ring while nobody can take them.
                 await wait_until(lambda: b"end-2" in stream.ring.read_from(
                     max(stream.ring.start, stream.ring.end - 64), 64))
-                lost_from = stream.acked
-                assert stream.ring.start > lost_from
+                # The gateway holds at least what it acknowledged, at most what was
+                # sent (an ACK may have been in flight at the cut).
+                held_low, held_high = stream.acked, stream.sent
+                assert stream.ring.start > held_high
                 proxy.unblock()
                 await agent.wait_registered(2)
                 await client.wait_output(b"end-2")
-                lost = stream.ring.start - lost_from
-                assert agents_of(gateway).statistics().gap_bytes == lost
+                lost = agents_of(gateway).statistics().gap_bytes
+                assert stream.ring.start - held_high <= lost <= stream.ring.start - held_low
                 notice = (f"[podterm: {lost} bytes of output were lost while the pod's "
                           "agent was disconnected]").encode()
                 assert notice in client.output
@@ -659,3 +716,305 @@ async def test_tunnel_url_and_token_file(tmp_path: Path) -> None:
     path.write_text("two tokens\n")
     with pytest.raises(ConfigError):
         token.read()
+
+
+# --- agents across gateways: labels, leases, adoption, hand-over ------------------------
+
+
+async def test_session_label_travels_in_open_and_in_the_agents_resume() -> None:
+    """The label a gateway puts in OPEN is what the agent lists in its RESUME; the
+    gateway's own RESUME carries none, and a malformed label is refused (1007)."""
+    gateway, agent = TunnelCodec(TunnelRole.GATEWAY), TunnelCodec(TunnelRole.AGENT)
+
+    def over(codec: TunnelCodec, message: tuple[bytes, Any]) -> list[tuple[int, Any]]:
+        prefix, payload = message
+        return codec.receive_message(2, prefix + bytes(payload))
+
+    entry = ResumeEntry(7, 4096, 10, 90, 5, session="s-0123456789ab")
+    [(_, theirs)] = over(gateway, agent.encode(0, Resume((entry,), next_id=8)))
+    assert theirs.streams == (entry,)
+    [(_, ours)] = over(agent, gateway.encode(0, Resume((dataclasses.replace(entry, session=None),))))
+    assert ours.streams[0].session is None
+    [(sid, opened)] = over(agent, gateway.encode(8, Open(None, True, 80, 24,
+                                                         session="s-0123456789ab")))
+    assert sid == 8 and opened.session == "s-0123456789ab"
+    [(_, plain)] = over(agent, gateway.encode(9, Open(("true",), False, 80, 24)))
+    assert plain.session is None
+    from podterm.errors import LocalProtocolError, ProtocolViolation
+    with pytest.raises(LocalProtocolError):
+        gateway.encode(10, Open(None, True, 80, 24, session="no spaces allowed"))
+    bad = b'{"command":null,"tty":true,"size":{"cols":80,"rows":24},"session":"a b"}'
+    with pytest.raises(ProtocolViolation) as caught:
+        agent.receive_message(2, bytes([0x07, 0, 0, 0, 11]) + bad)
+    assert caught.value.close_code == 1007
+
+
+async def test_retain_bytes_sets_the_agents_ring() -> None:
+    config = AgentConfig(gateway="http://gw", namespace=NS, pod=POD, retain_bytes=100_000)
+    assert options_from_config(config).ring_bytes == 102_400  # whole 4 KiB chunks
+
+
+async def test_agent_ring_is_retention_not_a_send_buffer() -> None:
+    """A gateway that adopts a stream may ask for output its dead predecessor had
+    acknowledged: the ring still has it, and credit counts from there, so nothing
+    after it is trimmed before this gateway holds it."""
+    from podterm.agent.streams import AgentStream, StreamHost
+    from podterm.protocol.offsets import replay_range
+
+    class Host(StreamHost):
+        link_up = True
+
+        def stream_ready(self, stream: AgentStream) -> None:
+            pass
+
+        def input_consumed(self, stream: AgentStream, n: int) -> None:
+            pass
+
+    stream = AgentStream(1, 4096, True, Host(), ring_bytes=8192, chunk_bytes=4096)
+    stream.resumed = True
+    stream.produce(1, b"x" * 6000)
+    stream.take_output(6000)
+    stream.on_ack(6000)  # the first gateway had it all
+    assert stream.room() == 8192  # ... so, to it, the ring was free again
+    stream.on_resume(replay_range(1000, stream.ring.start, stream.ring.end))
+    assert (stream.sent, stream.acked) == (1000, 1000)
+    assert stream.room() == 8192 - 5000  # the new gateway holds only up to 1000
+    assert [len(d) for _, d in stream.take_output(5000)] == [5000]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (it may be restarted)."""
+    if not redis_server_available():
+        message = "redis-server not installed (scripts/setup.sh --test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_redis(tmp_path / "redis", persistence="none") as server:
+        yield server
+
+
+async def shared_gateway(make_gateway: GatewayFactory, tokens: Tokens,
+                         redis: RedisServer) -> GatewayUnderTest:
+    """A gateway on the shared Redis store, with short agent heartbeats and 3 s leases."""
+    gateway = fast_agent_links(await make_gateway(
+        auth=AuthConfig(token_file=str(tokens.csv), admin_token=ADMIN_TOKEN),
+        store=StoreConfig(url=redis.url), session_limits=SessionLimits(exit_drain_s=0.5)))
+    coordinator = gateway.gw.agent_coordinator
+    assert coordinator is not None
+    # Renewed every second: a busy test loop never lets it lapse; a move is
+    # noticed at once anyway (the store publishes it).
+    coordinator.lease_ttl_s = 3.0
+    return gateway
+
+
+async def test_agent_that_moves_takes_its_sessions_to_the_new_gateway(
+        make_gateway: GatewayFactory, tokens: Tokens, redis: RedisServer) -> None:
+    """The load balancer sends the agent to another gateway: that one adopts the
+    session (same id, same shell), the first hands it over (its client is told to
+    reconnect), and the client resumes there with every line exactly once."""
+    first = await shared_gateway(make_gateway, tokens, redis)
+    second = await shared_gateway(make_gateway, tokens, redis)
+    async with open_proxy_lb([("127.0.0.1", first.port)]) as lb:
+        url = f"http://127.0.0.1:{lb.port}"
+        async with running_agent(url, token_file=str(tokens.agent)) as agent:
+            with trio.fail_after(WAIT_S * 3):
+                await agent.wait_registered()
+                lease = await first.gw.store.lookup_agent(TARGET)
+                assert lease is not None and lease.holder == first.gw.peer_address
+                created = await create(first, None, tty=True)
+                sid = created["id"]
+                client = await first.attach(sid)
+                await client.wait_hello()
+                pid = await shell_pid(client, "before")
+                await client.send_stdin(
+                    b"i=0; while [ $i -lt 400 ]; do i=$((i+1)); echo line-$i; sleep 0.005; "
+                    b"done; echo finished-$((1+1))\r")
+                await client.wait_output(b"line-40\r\n")
+                lb.set_backends([("127.0.0.1", second.port)])
+                lb.cut_all()
+                await agents_of(second).wait_connected(TARGET)
+                # The first gateway hears of it (the lease moved) and lets go.
+                assert await client.wait_closed() == 1001
+                assert any(isinstance(e, Drain) for e in client.events)
+                await wait_until(lambda: second.registry.is_live(sid))
+                with pytest.raises(NotFoundError):
+                    first.registry.get(sid)  # no tombstone: the session lives on elsewhere
+                assert client.hello is not None
+                again = await second.attach(sid, offset=client.offset,
+                                            resume_token=client.hello.resume_token)
+                hello = await again.wait_hello()
+                assert hello.out_offset == client.offset and again.gaps == []
+                await again.wait_output(b"finished-2")
+                transcript = bytes(client.output) + bytes(again.output)
+                lines = re.findall(rb"line-(\d+)\r\n", transcript)
+                assert [int(n) for n in lines] == list(range(1, 401))
+                assert await shell_pid(again, "after") == pid  # the same shell
+                record = await second.gw.store.get_session(sid)
+                assert record is not None and record.holder == second.gw.peer_address
+                lease = await second.gw.store.lookup_agent(TARGET)
+                assert lease is not None and lease.holder == second.gw.peer_address
+                assert agents_of(second).statistics().streams_adopted == 1
+                assert agents_of(first).statistics().streams_moved == 1
+                metrics = (await second.rest("GET", "/metrics")).body.decode()
+                assert "\npodterm_agent_streams_adopted_total 1\n" in metrics
+                assert "\npodterm_agent_sessions_adopted_total 1\n" in metrics
+                metrics = (await first.rest("GET", "/metrics")).body.decode()
+                assert "\npodterm_agent_hand_overs_total 1\n" in metrics
+                assert len(agent.streams) == 1  # nobody closed the shell on the agent
+                await again.aclose()
+                await delete(second, sid)
+                await wait_until(lambda: not agent.streams)
+
+
+async def test_rolling_update_hands_agent_sessions_to_a_peer(
+        make_gateway: GatewayFactory, tokens: Tokens, redis: RedisServer) -> None:
+    """A draining gateway sends its agent to a peer, which adopts the session; the
+    drained gateway's shutdown leaves the record alone (no tombstone), so nothing
+    kills the shell, and the client resumes at the peer."""
+    first = await shared_gateway(make_gateway, tokens, redis)
+    second = await shared_gateway(make_gateway, tokens, redis)
+    async with open_proxy_lb([("127.0.0.1", first.port)]) as lb:
+        url = f"http://127.0.0.1:{lb.port}"
+        async with running_agent(url, token_file=str(tokens.agent)) as agent:
+            with trio.fail_after(WAIT_S * 3):
+                await agent.wait_registered()
+                created = await create(first, None, tty=True)
+                sid = created["id"]
+                client = await first.attach(sid)
+                await client.wait_hello()
+                pid = await shell_pid(client, "before")
+                first.gw.shutdown("rolling update")
+                assert await client.wait_closed() == 1001
+                await first.finished.wait()
+                # Only now may the agent reach the peer: the first gateway's end
+                # (its sessions' too) is written before anyone adopts them.
+                lb.set_backends([("127.0.0.1", second.port)])
+                await agents_of(second).wait_connected(TARGET)
+                await wait_until(lambda: second.registry.is_live(sid))
+                assert client.hello is not None
+                again = await second.attach(sid, offset=client.offset,
+                                            resume_token=client.hello.resume_token)
+                await again.wait_hello()
+                assert await shell_pid(again, "after") == pid
+                record = await second.gw.store.get_session(sid)
+                assert record is not None and record.state != "closed"
+                assert record.holder == second.gw.peer_address
+                await again.aclose()
+                await delete(second, sid)
+                await wait_until(lambda: not agent.streams)
+
+
+# The adoption rules, one by one, against a memory store (no sockets).
+
+HOLDER, DEAD = "10.0.0.2:7780", "10.0.0.1:7780"
+INFO = AgentInfo(pod=TARGET, agent_id="agent-1")
+
+
+def _record(session_id: str, **fields: Any) -> SessionRecord:
+    values: dict[str, Any] = dict(owner="alice", upstream_kind="agent", namespace=NS, pod=POD,
+                                  tty=True, cols=100, rows=30, state="detached", holder=DEAD,
+                                  resume_token_hash=hash_resume_token("tok"),
+                                  writer_acked=1000, out_offset=1200, in_offset=7)
+    values.update(fields)
+    return SessionRecord(id=session_id, **values)
+
+
+def _announced(stream_id: int, session: str | None, *, known: bool = False,
+               out_start: int = 0, out_offset: int = 1500, in_acked: int = 9
+               ) -> AnnouncedStream:
+    return AnnouncedStream(stream_id, 4096, out_start, out_offset, in_acked, session, known)
+
+
+@pytest.fixture
+async def coordinator(nursery: trio.Nursery) -> AgentCoordinator:
+    store = MemoryStore()
+    await nursery.start(store.run)
+    registry = SessionRegistry({"agent": AgentUpstream()}, default_upstream="agent",
+                               counters=GatewayCounters(),
+                               limits=SessionLimits(ring_bytes=64 * 1024, window_bytes=16384))
+    return AgentCoordinator(registry.upstreams["agent"], store,  # type: ignore[arg-type]
+                            registry, holder=lambda: HOLDER, lease_ttl_s=30.0)
+
+
+async def test_adoption_claims_live_sessions_and_closes_the_rest(
+        coordinator: AgentCoordinator) -> None:
+    store = coordinator.store
+    for record in (_record("s-live"), _record("s-late", writer_acked=10),
+                   _record("s-ended", state="closed"), _record("s-other", pod="web-2"),
+                   _record("s-local", upstream_kind="local")):
+        await store.put_session(record)
+    verdict = await coordinator.connected(INFO, [
+        _announced(1, "s-live"),
+        _announced(2, "s-late", out_start=300),  # the agent's ring lost bytes 10..300
+        _announced(3, "s-ended"), _announced(4, "s-other"), _announced(5, "s-local"),
+        _announced(6, "s-unknown"), _announced(7, None)])
+    assert verdict.stale is None
+    assert sorted(verdict.claims) == [1, 2]
+    live = verdict.claims[1]
+    # From what the client had acknowledged; input from what the agent received.
+    assert (live.out_from, live.in_offset, live.catch_up_to) == (1000, 9, 1500)
+    assert (live.spec.cols, live.spec.rows, live.spec.tty) == (100, 30, True)
+    assert verdict.claims[2].out_from == 300  # the agent's oldest byte: the client gets a gap
+    assert set(verdict.closes) == {3, 4, 5, 6, 7}
+    assert "ended" in verdict.closes[3] and "unknown" in verdict.closes[6]
+    stored = await store.get_session("s-live")
+    assert stored is not None and stored.holder == HOLDER
+    assert stored.version == live.record.version  # claimed by compare-and-set
+    lease = await store.lookup_agent(TARGET)
+    assert lease is not None and lease.holder == HOLDER
+    # Until it is adopted (or given up), the session is "retry", never "not found".
+    with pytest.raises(Unavailable):
+        coordinator.registry.get("s-live")
+    coordinator.unclaimed(INFO, live)
+    with pytest.raises(NotFoundError):
+        coordinator.registry.get("s-live")
+
+
+async def test_adoption_resumes_no_more_than_one_session_ring_back(
+        coordinator: AgentCoordinator) -> None:
+    await coordinator.store.put_session(_record("s-far", writer_acked=0))
+    verdict = await coordinator.connected(INFO, [_announced(1, "s-far", out_offset=200_000)])
+    assert verdict.claims[1].out_from == 200_000 - 64 * 1024
+
+
+async def test_state_known_here_but_held_elsewhere_is_stale(
+        coordinator: AgentCoordinator) -> None:
+    await coordinator.store.put_session(_record("s-mine", holder=HOLDER))
+    assert (await coordinator.connected(INFO, [_announced(1, "s-mine", known=True)])).stale \
+        is None
+    # The agent was at another peer meanwhile (its lease said so), which took it over.
+    await coordinator.store.put_session(_record("s-mine", holder=DEAD))
+    await coordinator.store.register_agent(AgentLease(INFO.agent_id, TARGET, DEAD), 30.0)
+    verdict = await coordinator.connected(INFO, [_announced(1, "s-mine", known=True)])
+    assert verdict.stale is not None and DEAD in verdict.stale
+
+
+async def test_store_down_refuses_only_agents_that_need_it(
+        coordinator: AgentCoordinator) -> None:
+    await coordinator.store.aclose()
+    # Streams we hold: the tunnel is served; the lease waits for the store.
+    assert await coordinator.connected(INFO, [_announced(1, "s-x", known=True)]) \
+        == ConnectVerdict()
+    with pytest.raises(Unavailable, match="session store unavailable"):
+        await coordinator.connected(INFO, [_announced(1, "s-x")])
+    assert coordinator.statistics().lease_failures == 2
+
+
+async def test_lease_is_retaken_renewed_and_released(coordinator: AgentCoordinator) -> None:
+    store = coordinator.store
+    await coordinator._check(INFO, True)  # none (expired, or the store lost it): taken
+    lease = await store.lookup_agent(TARGET)
+    assert lease is not None and (lease.holder, lease.agent_id) == (HOLDER, INFO.agent_id)
+    await coordinator._check(INFO, True)
+    await coordinator._check(INFO, False)  # the agent is away: the lease is only looked at
+    stats = coordinator.statistics()
+    assert (stats.leases_registered, stats.leases_renewed, stats.hand_overs) == (1, 1, 0)
+    # Another agent process of the pod, at another peer: not ours to release.
+    await store.register_agent(AgentLease("agent-2", TARGET, DEAD), 30.0)
+    await coordinator.disconnected(INFO)
+    assert (await store.lookup_agent(TARGET)) is not None
+    await store.register_agent(AgentLease(INFO.agent_id, TARGET, HOLDER), 30.0)
+    await coordinator.disconnected(INFO)
+    assert (await store.lookup_agent(TARGET)) is None
+    assert coordinator.statistics().leases_released == 1

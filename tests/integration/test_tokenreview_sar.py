@@ -1,8 +1,9 @@
 """TokenReview and SubjectAccessReview against a small HTTPS fake apiserver.
 
-The fake is the standard library's HTTP/1.1 server (keep-alive) in a thread
-on 127.0.0.1, with a ``trustme`` certificate; it records every request
-(path, headers, JSON body) and answers from a per-test function.  The code
+The fake (``tests/helpers/fake_kubeauth.py``) is the standard library's
+HTTP/1.1 server (keep-alive) in a thread on 127.0.0.1, with a ``trustme``
+certificate; it records every request (path, headers, JSON body) and answers
+from a per-test function.  The code
 under test speaks to it with h11 over trio, as it would to a kube-apiserver.
 Caches are driven by an injected clock; no test sleeps.
 """
@@ -15,8 +16,6 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from tests.helpers.fake_kubeauth import Answer, FakeApi, running_fake_api
 
 from podterm.auth.authn import TokenAuthenticator
 from podterm.auth.chain import (
@@ -46,73 +46,6 @@ from podterm.errors import CloseCode, ConfigError, ForbiddenError
 WAIT_S = 10.0
 GATEWAY_TOKEN = "gateway-sa-token"  # the gateway's own credential towards the apiserver
 
-Answer = tuple[int, Any]
-
-
-@dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeApi:
-    url: str
-    ca_path: Path
-    requests: list[Recorded] = field(default_factory=list)
-    respond: Callable[[str, Any], Answer] = lambda path, body: (404, {"kind": "Status"})
-    #: When set, answers wait for it (bounded): lets a test hold requests in flight.
-    gate: threading.Event | None = None
-    arrived: threading.Event = field(default_factory=threading.Event)
-    connections: int = 0
-    server_errors: int = 0
-
-    def bodies(self, path: str) -> list[Any]:
-        return [r.body for r in self.requests if r.path == path]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real apiserver
-    timeout = WAIT_S  # a connection that stalls (handshake or request) ends its thread
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.api.connections += 1
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        api = self.server.api
-        length = int(self.headers.get("Content-Length", "0"))
-        body = json.loads(self.rfile.read(length))
-        api.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                     body))
-        api.arrived.set()
-        if api.gate is not None:
-            api.gate.wait(WAIT_S)
-        status, answer = api.respond(self.path, body)
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    api: FakeApi
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (the timeout test) leaves a broken pipe here;
-        # record it instead of printing a traceback.
-        self.api.server_errors += 1
-
-
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -120,28 +53,8 @@ def ca() -> trustme.CA:
 
 @pytest.fixture
 def fake_api(ca: trustme.CA, tmp_path: Path) -> Iterator[FakeApi]:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    server = _Server(("127.0.0.1", 0), _Handler)
-    # The handshake runs in the connection's thread (on its first read), not in
-    # the accept loop, so one stalled client cannot block the server or its shutdown.
-    server.socket = ctx.wrap_socket(server.socket, server_side=True,
-                                    do_handshake_on_connect=False)
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    api = FakeApi(url=f"https://127.0.0.1:{server.server_address[1]}", ca_path=ca_path)
-    server.api = api
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with running_fake_api(ca, tmp_path) as api:
         yield api
-    finally:
-        if api.gate is not None:
-            api.gate.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT_S)
 
 
 def client_for(api: FakeApi) -> ApiServerClient:

@@ -71,11 +71,13 @@ from podterm.protocol.events import (
 )
 from podterm.protocol.offsets import DEFAULT_ACK_INTERVAL_S
 from podterm.protocol.tunnel import ResumeAction, TunnelCodec, TunnelMux, TunnelRole
+from podterm.protocol.websocket import ConnectionState as WsState
 from podterm.resilience.heartbeat import Heartbeat
 from podterm.upstream.base import OutputChannel, StreamSpec
 from podterm.upstream.local import LocalUpstream
 
-__all__ = ["Agent", "AgentOptions", "AgentStatistics", "main", "run_agent"]
+__all__ = ["Agent", "AgentOptions", "AgentStatistics", "main", "options_from_config",
+           "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,10 @@ class AgentOptions:
     """The agent's bounds and timers (the flags are in :class:`~podterm.config.AgentConfig`).
 
     Attributes:
-        ring_bytes: output kept per stream while the gateway is away (1 MiB,
-            as the gateway's session ring); ``ring_chunk_bytes`` its unit.
+        ring_bytes: output kept per stream (``--retain-bytes``; 1 MiB, as the
+            gateway's session ring) whatever the gateway acknowledged: while
+            the gateway is away, and for a gateway that adopts the stream after
+            its first one died; ``ring_chunk_bytes`` its unit.
         max_streams: streams this agent accepts (reported as its capacity).
             4,096: a RESUME must fit in 1 MiB (about 10,000 streams).
         heartbeat_interval_s, heartbeat_max_missed: PING period and the
@@ -326,6 +330,11 @@ class Agent(StreamHost):
             await ws.abort(int(exc.close_code), exc.message[:100])
         except ConnectionClosed as exc:
             reason = str(exc)
+        except Exception as exc:
+            # A bug ends this connection, never the agent and its shells (STYLE.md §3):
+            # the next connection resumes every stream.
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("agent.tunnel.failed: internal error; reconnecting")
         finally:
             self._disconnected()
             with trio.CancelScope(shield=True):
@@ -504,6 +513,7 @@ class Agent(StreamHost):
                                     kill_timeout_s=options.kill_grace_s + 8.0, **ring)
             stream = process
             self._nursery.start_soon(process.run)
+        stream.session = event.session  # reported in every RESUME (adoption by another gateway)
         self.streams[sid] = stream
         stream.resumed = True  # opened on this connection: credit is live
         if stream.pending_output() or stream.exit is not None:
@@ -519,6 +529,10 @@ class Agent(StreamHost):
         ws.heartbeat = hb
         stall_s = options.heartbeat_interval_s * options.heartbeat_max_missed
         while True:
+            if ws.conn.state is not WsState.OPEN:
+                # The link is closing (the gateway's CLOSE, or its end, was read
+                # while we waited): nothing more may be sent; the reader ends it.
+                return
             if self._drain is not None:
                 await ws.aclose(CloseCode.GOING_AWAY, "reconnecting elsewhere (drain)")
                 return
@@ -615,11 +629,20 @@ class Agent(StreamHost):
             self._acks.clear()
 
 
+def options_from_config(config: AgentConfig) -> AgentOptions:
+    """The :class:`AgentOptions` the flags ask for (``--retain-bytes``, in whole ring chunks)."""
+    chunk = AgentOptions().ring_chunk_bytes
+    return AgentOptions(ring_bytes=-(-config.retain_bytes // chunk) * chunk)
+
+
 async def run_agent(config: AgentConfig, options: AgentOptions | None = None, *,
                     base_env: Mapping[str, str] | None = None,
                     handle_signals: bool = True) -> None:
-    """Run the agent until SIGTERM/SIGINT (or cancellation); every shell is killed on exit."""
-    agent = Agent(config, options, base_env=base_env)
+    """Run the agent until SIGTERM/SIGINT (or cancellation); every shell is killed on exit.
+
+    ``options`` default to :func:`options_from_config`.
+    """
+    agent = Agent(config, options or options_from_config(config), base_env=base_env)
     async with trio.open_nursery() as nursery:
         if handle_signals:
             async def watch() -> None:

@@ -27,6 +27,16 @@ local shell does.  While the tunnel is **down** the ring takes everything and
 trims its oldest bytes: the shell keeps running, and if more than the ring's
 capacity was produced, the next RESUME reports the lost bytes as a ``gap``.
 
+Retention: ACKs are credit, never a release.  The ring keeps the newest
+``ring_bytes`` (``--retain-bytes``) of output whether or not a gateway
+acknowledged them, because a gateway that dies may have acknowledged bytes
+its clients never received.  The gateway that adopts the stream asks for
+output from what the client is known to hold (RESUME ``in_acked``), which
+may be below the dead gateway's ACK; ``acked`` is reset to it, so credit and
+the ring's trimming count from there.  The stream's ``session`` label (from
+its OPEN) goes into every RESUME entry: it is how that gateway finds the
+session.
+
 Kinds of stream: :class:`ProcessStream` runs a process through the local
 upstream (a PTY or pipes) with three tasks; :class:`podterm.agent.echo.EchoStream`
 echoes its input with no task at all; :class:`FailedStream` carries the error of a
@@ -125,7 +135,7 @@ class AgentStream:
 
     __slots__ = ("stream_id", "window", "tty", "host", "ring", "_marks", "acked", "sent",
                  "resumed", "gap", "exit", "exit_sent", "closed", "_input", "_input_bytes",
-                 "_room_lot", "__weakref__")
+                 "_room_lot", "session", "__weakref__")
 
     def __init__(self, stream_id: int, window: int, tty: bool, host: StreamHost, *,
                  ring_bytes: int, chunk_bytes: int) -> None:
@@ -150,6 +160,9 @@ class AgentStream:
         self._input: deque[bytes] = deque()
         self._input_bytes = 0
         self._room_lot = trio.lowlevel.ParkingLot()
+        #: The gateway's session id from the OPEN; reported in every RESUME so a
+        #: gateway that did not open the stream can adopt it.
+        self.session: str | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("exited" if self.exit else "running")
@@ -252,12 +265,17 @@ class AgentStream:
 
     def resume_entry(self, received: int) -> ResumeEntry:
         """This stream's line of the agent's RESUME; ``received`` is the mux's input offset."""
-        return ResumeEntry(self.stream_id, self.window, self.ring.start, self.ring.end, received)
+        return ResumeEntry(self.stream_id, self.window, self.ring.start, self.ring.end, received,
+                           self.session)
 
     def on_resume(self, replay: ReplayRange) -> None:
         """The RESUME exchange listed this stream: resend from ``replay.start`` (gap first)."""
         self.sent = replay.start
-        self.acked = max(self.acked, replay.start)
+        # The gateway holds output up to ``replay.start`` and no further: that is
+        # where credit counts from now, even below an earlier gateway's ACK (a
+        # new gateway resumes from what its client is known to hold).  So
+        # nothing from here on leaves the ring before this gateway has it.
+        self.acked = replay.start
         self.gap = Gap(replay.gap_from, replay.start) if replay.gap_from is not None else None
         self.exit_sent = False
         self.resumed = True

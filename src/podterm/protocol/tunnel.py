@@ -58,9 +58,13 @@ OPEN (gateway → agent)
      "size": {"cols": 80, "rows": 24},        1..10000 each
      "env": {"NAME": "value", ...},           optional; ≤ 128 names [A-Za-z_][A-Za-z0-9_]*
      "cwd": "/abs/path" | null,               optional
-     "window": 262144}                        optional credit window, 1..2^31-1 (default 256 KiB)
+     "window": 262144,                        optional credit window, 1..2^31-1 (default 256 KiB)
+     "session": "s-3f9a0c1d2e4b"}             optional label, 1..128 of [A-Za-z0-9._-]
 
-The stream id is the header's.  The gateway chooses ids: strictly increasing,
+The stream id is the header's.  ``session`` is the gateway's session id: the
+agent keeps it with the stream and lists it in its RESUME, which is how a
+gateway that never opened the stream (the one that did died) finds the
+session it belongs to in the session store and adopts it.  The gateway chooses ids: strictly increasing,
 starting at the agent's ``next_id`` (see RESUME), so an id is never reused
 while the agent process lives.  An OPEN whose id is below ``next_id`` is an
 error (1002).  No string may contain NUL.
@@ -82,7 +86,7 @@ The first message each side sends on a new tunnel connection.  The agent
 sends first; the gateway answers after reading it::
 
     agent   → {"streams": [{"id": 7, "window": 262144, "out_start": 0, "out_offset": 81920,
-                            "in_acked": 56}, ...],
+                            "in_acked": 56, "session": "s-3f9a0c1d2e4b"}, ...],
                "next_id": 9}
     gateway → {"streams": [{"id": 7, "window": 262144, "out_start": 40, "out_offset": 60,
                             "in_acked": 81000}, ...]}
@@ -91,7 +95,14 @@ Each entry describes one stream from the sender's side: ``out_start`` ..
 ``out_offset`` is the part of its outgoing stream it can still send (the
 agent: its output ring; the gateway: its unacknowledged input), ``in_acked``
 how much of the peer's stream it holds.  Ids are unique and
-``out_start ≤ out_offset``; an agent's ids are below its ``next_id``.
+``out_start ≤ out_offset``; an agent's ids are below its ``next_id``.  An
+agent's entry carries the ``session`` label of the stream's OPEN, if it had
+one (the gateway's entries carry none).
+
+The agent's ring keeps the newest output of each stream whether or not it
+was acknowledged (ACKs are credit, not a release), so a gateway may ask for
+output from *before* what an earlier gateway acknowledged: a new gateway
+resumes from what its client is known to hold.
 
 Before RESUME arrives only CONTROL on stream 0 may (``error``, ``drain``);
 anything else, or a second RESUME, is an error (1002).  Then, per stream:
@@ -105,9 +116,13 @@ anything else, or a second RESUME, is an error (1002).  Then, per stream:
   resend point: a full window.  An exited stream re-sends EXIT after its output.
   The receiver drops nothing: every resent byte has the offset it expects
   (the gateway's input dedup trims any overlap).
-* listed by the agent only: the gateway does not want it: it sends CLOSE for
-  it right after its RESUME.  The gateway's answer may list only ids the
-  agent listed (1002 otherwise) and must echo their ``window``.
+* listed by the agent only: the gateway either *adopts* it (its ``session``
+  label names a live session in the session store: the gateway that ran it
+  is gone) and lists it in its answer like any other, its own ``out_start`` =
+  ``out_offset`` = the agent's ``in_acked`` and its ``in_acked`` the output
+  offset it wants from; or it does not want it and sends CLOSE for it right
+  after its RESUME.  The gateway's answer may list only ids the agent listed
+  (1002 otherwise) and must echo their ``window``.
 * known to the gateway but not listed by the agent: the agent lost it
   (restarted); the gateway ends that session (and may restart its context).
 
@@ -189,6 +204,8 @@ MAX_WINDOW: Final = (1 << 31) - 1
 MAX_ENV: Final = 128
 MAX_ARGV: Final = 256
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: A stream's session label (OPEN, RESUME): a gateway session id, ``s-`` + hex today.
+_SESSION_LABEL: Final = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 
 
 class TunnelType(IntEnum):
@@ -318,7 +335,16 @@ def _parse_open(obj: Mapping[str, Any]) -> Open:
     if not _is_int(window) or not 1 <= window <= MAX_WINDOW:
         raise _schema(f"OPEN: 'window' must be an integer in 1..{MAX_WINDOW}")
     return Open(command=argv, tty=tty, cols=cols, rows=rows, env=tuple(env), cwd=cwd,
-                window=window)
+                window=window, session=_session_label(obj, "OPEN"))
+
+
+def _session_label(obj: Mapping[str, Any], what: str) -> str | None:
+    label = obj.get("session")
+    if label is None:
+        return None
+    if not isinstance(label, str) or not _SESSION_LABEL.match(label):
+        raise _schema(f"{what}: 'session' must be 1..128 characters [A-Za-z0-9._-]")
+    return label
 
 
 def _open_body(event: Open) -> bytes:
@@ -330,6 +356,8 @@ def _open_body(event: Open) -> bytes:
         "cwd": event.cwd,
         "window": event.window,
     }
+    if event.session is not None:
+        obj["session"] = event.session
     if len({name for name, _ in event.env}) != len(event.env):
         raise LocalProtocolError("invalid OPEN: duplicate env names")
     body = _json(obj)
@@ -371,14 +399,22 @@ def _parse_resume(obj: Mapping[str, Any], from_agent: bool) -> Resume:
             out_start=out_start,
             out_offset=out_offset,
             in_acked=_int_field(item, "in_acked", "RESUME stream", 0, MAX_OFFSET),
+            # Only an agent's entries are labelled; a gateway's label is ignored.
+            session=_session_label(item, "RESUME stream") if from_agent else None,
         ))
     return Resume(streams=tuple(entries), next_id=next_id)
 
 
 def _resume_body(event: Resume, from_agent: bool) -> bytes:
-    obj: dict[str, Any] = {"streams": [
-        {"id": e.stream_id, "window": e.window, "out_start": e.out_start,
-         "out_offset": e.out_offset, "in_acked": e.in_acked} for e in event.streams]}
+    streams: list[dict[str, Any]] = []
+    for e in event.streams:
+        item: dict[str, Any] = {"id": e.stream_id, "window": e.window,
+                                "out_start": e.out_start, "out_offset": e.out_offset,
+                                "in_acked": e.in_acked}
+        if from_agent and e.session is not None:
+            item["session"] = e.session
+        streams.append(item)
+    obj: dict[str, Any] = {"streams": streams}
     if from_agent:
         obj["next_id"] = event.next_id
     body = _json(obj)
@@ -665,7 +701,7 @@ class TunnelStatistics:
 
 class _Stream:
     __slots__ = ("stream_id", "window", "out", "ack", "received", "buffered", "local_closed",
-                 "remote_closed", "resumed", "out_start", "out_offset")
+                 "remote_closed", "resumed", "out_start", "out_offset", "label")
 
     def __init__(self, stream_id: int, window: int, *, received: int = 0, buffered: int = 0,
                  interval_s: float = DEFAULT_ACK_INTERVAL_S) -> None:
@@ -681,6 +717,7 @@ class _Stream:
         self.resumed = True
         self.out_start = 0
         self.out_offset = 0
+        self.label: str | None = None  # the session label (the agent's RESUME carries it)
 
     def credit(self) -> int:
         if self.local_closed or not self.resumed:
@@ -981,12 +1018,13 @@ class TunnelMux:
             stream.resumed = False
             stream.out_start = e.out_start
             stream.out_offset = e.out_offset
+            stream.label = e.session if self.role is TunnelRole.AGENT else None
             new[e.stream_id] = stream
             self.next_id = max(self.next_id, e.stream_id + 1)
         self._streams = new
         self._resume_sent = True
         return Resume(streams=tuple(
-            ResumeEntry(s.stream_id, s.window, s.out_start, s.out_offset, s.received)
+            ResumeEntry(s.stream_id, s.window, s.out_start, s.out_offset, s.received, s.label)
             for s in sorted(new.values(), key=lambda s: s.stream_id)),
             next_id=self.next_id if self.role is TunnelRole.AGENT else None)
 

@@ -30,13 +30,24 @@ see.  :class:`StoreMirror` keeps the store in step with it:
 * **Closed.**  The record is rewritten with state ``closed``, a tombstone
   (peers answer ``410 gone``); it is deleted once ``max_tombstones`` newer
   tombstones of this gateway exist.
+* **Ownership.**  After the first write, whole-record writes are
+  compare-and-set on the version this mirror last wrote.  A record another
+  gateway took over (an agent session adopted there after its agent moved)
+  fails the CAS; the record then names that gateway as ``holder``, and the
+  mirror stops writing the session and calls :attr:`StoreMirror.on_moved`
+  (the gateway hands the agent's streams over).  A session that ends
+  ``moved`` leaves no tombstone: its record is the new holder's.
+* **Adopted.**  :meth:`StoreMirror.adopt` mirrors a session this gateway took
+  over (its record was claimed by CAS already) from the claimed version on.
 * **Data lost.**  Redis that comes back without its data delivers RESYNC
   ``data_lost``: every live session is re-put.  An ``update_offsets`` that
   finds no record re-puts the session too, so a missed event heals as well.
 * **A previous run** (:meth:`StoreMirror.close_stale`, SQLite): records this
   gateway holds that are not closed were written by an earlier run of it.
   Their local shells and kube exec streams died with that process, so they
-  are marked ``closed``.
+  are marked ``closed``.  Agent sessions are left as they are: their shells
+  live in the agent, which adopts them back here (or to another gateway)
+  when it reconnects.
 
 The memory store is not mirrored into: nothing outside this process can
 read it, and the registry already is that process's truth.
@@ -55,14 +66,13 @@ import trio
 
 from podterm.errors import Unavailable
 from podterm.metrics import MetricFamily, counter, gauge, labelled
-from podterm.session.session import Session, SessionState
+from podterm.session.session import MOVED, Session, SessionState
 from podterm.store.base import (
     EventKind,
     SessionRecord,
     SessionStore,
     StoreError,
     StoreUnavailable,
-    hash_resume_token,
 )
 
 __all__ = ["MirrorStatistics", "StoreMirror", "UNAVAILABLE_MESSAGE", "store_metric_families"]
@@ -82,6 +92,18 @@ MAX_TOMBSTONES = 10_000
 #: holds a bounded number of tasks; SQLite serialises them on its one thread.
 FLUSH_CONCURRENCY = 16
 
+#: Compare-and-set attempts on one write before giving up until the next change:
+#: a version bumped by ourselves or a peer of the same holder is re-read and retried.
+_CAS_ATTEMPTS = 3
+
+
+class _Moved(Exception):
+    """The record names another holder: the session is that gateway's now."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
 
 @dataclass(frozen=True, slots=True)
 class MirrorStatistics:
@@ -96,6 +118,7 @@ class MirrorStatistics:
         refused_creates: creates refused because the store was unavailable.
         resyncs: full re-puts after the store lost its data.
         stale_closed: records of a previous run marked closed at start.
+        moved: sessions found taken over by another gateway (no longer written).
     """
 
     tracked: int
@@ -106,17 +129,19 @@ class MirrorStatistics:
     refused_creates: int
     resyncs: int
     stale_closed: int
+    moved: int = 0
 
 
 class _Entry:
     """What was last written for one session, and whether it changed since."""
 
     __slots__ = ("session", "created_at", "state", "token", "offsets", "cwd", "dirty", "full",
-                 "closing")
+                 "closing", "version")
 
-    def __init__(self, session: Session, created_at: float) -> None:
+    def __init__(self, session: Session, created_at: float, version: int = 0) -> None:
         self.session = session
         self.created_at = created_at
+        self.version = version  # the record version we wrote last (0: none yet)
         self.state = ""  # last state written ("" = none yet)
         self.token = ""  # the resume token whose hash was last written
         self.offsets = (-1, -1, -1)
@@ -164,6 +189,10 @@ class StoreMirror:
         self._refused = 0
         self._resyncs = 0
         self._stale_closed = 0
+        self._moved = 0
+        #: Called with a session (and the new holder) whose record another
+        #: gateway took over; the gateway hands the session's upstream over.
+        self.on_moved: Callable[[Session, str], None] | None = None
 
     def __repr__(self) -> str:
         return (f"<StoreMirror {self.store.backend} holder={self.holder!r} "
@@ -209,13 +238,41 @@ class StoreMirror:
         self._entries[session.id] = entry
         session.watch(self._changed)
 
+    def adopt(self, session: Session, version: int, *, created_at: float = 0.0) -> None:
+        """Mirror a session this gateway adopted; its record (``version``) was claimed by CAS.
+
+        The whole record is written at the next flush (state, holder, token hash).
+        """
+        entry = _Entry(session, created_at or self._clock(), version)
+        self._entries[session.id] = entry
+        session.watch(self._changed)
+        self._mark(entry, full=True)
+
     def closed(self, session: Session) -> None:
-        """The session ended (the registry's reap): write its tombstone, then forget it."""
+        """The session ended (the registry's reap): write its tombstone, then forget it.
+
+        A session that ended ``moved`` is forgotten without a write: its record
+        belongs to the gateway that holds it now.  So is one this gateway's
+        shutdown ended while its process runs on upstream (an agent that was
+        away, drained to another peer): that peer adopts it from its record.
+        """
         entry = self._entries.get(session.id)
         if entry is None:
             return
+        if session.end_reason == MOVED or (session.end_reason == "shutdown"
+                                           and session.left_running):
+            self._drop(entry)
+            return
         entry.closing = True
         self._mark(entry, full=True)
+
+    def _drop(self, entry: _Entry) -> None:
+        session_id = entry.session.id
+        if self._entries.get(session_id) is entry:
+            del self._entries[session_id]
+        self._dirty.pop(session_id, None)
+        self._urgent.pop(session_id, None)
+        entry.dirty = entry.full = False
 
     # --------------------------------------------------------------- dirty marking
 
@@ -259,7 +316,7 @@ class StoreMirror:
             id=s.id, owner=s.owner, upstream_kind=s.upstream_kind, namespace=spec.namespace,
             pod=spec.pod, container=spec.container or None, command=spec.command,
             tty=spec.tty, cols=s.cols, rows=s.rows, state=state, created_at=entry.created_at,
-            resume_token_hash=hash_resume_token(s.resume_token), out_offset=s.out_offset,
+            resume_token_hash=s.resume_token_hash, out_offset=s.out_offset,
             in_offset=s.in_offset, writer_acked=s.writer_acked, cwd=cwd, env=env,
             holder=self.holder)
 
@@ -268,9 +325,47 @@ class StoreMirror:
         cwd, env = self._context(s)
         token = s.resume_token
         offsets = (s.out_offset, s.in_offset, s.writer_acked)
-        await self.store.put_session(self._record(entry, state, cwd, env))
+        record = self._record(entry, state, cwd, env)
+        if entry.version == 0:
+            entry.version = (await self.store.put_session(record)).version
+        else:
+            await self._cas(entry, record)
         self._writes += 1
         entry.state, entry.token, entry.offsets, entry.cwd = state, token, offsets, cwd
+
+    async def _cas(self, entry: _Entry, record: SessionRecord) -> None:
+        """Write ``record`` iff the stored one is still ours (see "Ownership").
+
+        Raises:
+            _Moved: another gateway holds the session now.
+            StoreError: what the store raises; or the version kept changing.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            if await self.store.cas_session(record.id, entry.version, record):
+                entry.version += 1
+                return
+            current = await self.store.get_session(record.id)
+            if current is None:
+                # Gone (the store lost its data): put it back whole.
+                entry.version = (await self.store.put_session(record)).version
+                return
+            if current.holder and current.holder != self.holder:
+                raise _Moved(current.holder)
+            entry.version = current.version  # bumped under us, still ours: retry
+        raise StoreError(f"session {record.id}: its record kept changing during the write")
+
+    def _moved_away(self, entry: _Entry, holder: str) -> None:
+        """The record names ``holder``: stop writing it and tell the gateway."""
+        if self._entries.get(entry.session.id) is not entry:
+            return  # dropped already (a write was in flight)
+        self._drop(entry)
+        if entry.closing:
+            return  # ended here anyway; the record is the new holder's
+        self._moved += 1
+        log.warning("store.mirror.moved %s: the session store says %s holds it now",
+                    entry.session.id, holder)
+        if self.on_moved is not None:
+            self.on_moved(entry.session, holder)
 
     @staticmethod
     def _state_of(entry: _Entry) -> str:
@@ -335,6 +430,8 @@ class StoreMirror:
                     continue
                 try:
                     await self._write(entry, full)
+                except _Moved as moved:
+                    self._moved_away(entry, moved.holder)
                 except StoreUnavailable as exc:
                     self._failures += 1
                     unavailable.append(exc)
@@ -441,6 +538,8 @@ class StoreMirror:
         for record in await self.store.list_sessions():
             if record.holder != self.holder or not self.holder:
                 continue
+            if record.upstream_kind == "agent" and record.state != SessionState.CLOSED.value:
+                continue  # its shell lives in the agent: adopted when the agent comes back
             if record.state != SessionState.CLOSED.value:
                 await self.store.put_session(replace(record, state=SessionState.CLOSED.value))
                 self._writes += 1
@@ -467,7 +566,7 @@ class StoreMirror:
             tracked=len(self._entries), pending=len(self._dirty) + len(self._urgent),
             writes=self._writes, failures=self._failures, errors=self._errors,
             refused_creates=self._refused, resyncs=self._resyncs,
-            stale_closed=self._stale_closed)
+            stale_closed=self._stale_closed, moved=self._moved)
 
 
 def store_metric_families(store: SessionStore, mirror: StoreMirror | None) -> list[MetricFamily]:
@@ -504,6 +603,9 @@ def store_metric_families(store: SessionStore, mirror: StoreMirror | None) -> li
                     m.refused_creates),
             counter("podterm_store_resyncs_total",
                     "Re-puts of every session after the store lost its data.", m.resyncs),
+            counter("podterm_store_sessions_moved_total",
+                    "Sessions found taken over by another gateway (no longer written here).",
+                    m.moved),
         ]
     return fams
 

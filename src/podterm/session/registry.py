@@ -11,6 +11,12 @@ over) rather than ``404 not found`` (it never existed).
 Drain: :meth:`SessionRegistry.drain` refuses new sessions from then on
 (``503 unavailable``) and tells every attached client to reconnect elsewhere;
 the sessions themselves keep running until the gateway's root is cancelled.
+
+Adoption: :meth:`SessionRegistry.adopt` re-creates a session another gateway
+ran (its agent came here after that gateway died).  From :meth:`expect` until
+the adopted session has caught up with its upstream, a lookup of its id is
+``503 unavailable`` (retry), never ``404``.  A session that ends ``moved``
+(another gateway holds it now) leaves no tombstone: its id is found there.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from podterm.errors import (
 )
 from podterm.metrics import GatewayCounters
 from podterm.session.mirror import StoreMirror
-from podterm.session.session import Session, SessionLimits, SessionObserver, SessionState
+from podterm.session.session import MOVED, Session, SessionLimits, SessionObserver, SessionState
+from podterm.store.base import SessionRecord
+from podterm.upstream.agent import for_session
 from podterm.upstream.base import StreamSpec, Upstream, UpstreamStream
 from podterm.upstream.kube import acting_as
 
@@ -119,7 +127,8 @@ class SessionRegistry:
 
     __slots__ = ("upstreams", "default_upstream", "limits", "counters", "max_sessions",
                  "max_sessions_per_user", "open_timeout_s", "_sessions", "_tombstones",
-                 "_nursery", "_draining", "_per_user", "_pending", "mirror", "hooks")
+                 "_nursery", "_draining", "_per_user", "_pending", "mirror", "hooks",
+                 "_adopting", "catch_up_timeout_s")
 
     def __init__(self, upstreams: Mapping[str, Upstream], *, default_upstream: str = "local",
                  limits: SessionLimits | None = None, counters: GatewayCounters,
@@ -143,6 +152,10 @@ class SessionRegistry:
         self._pending = 0  # creations between the checks and the registration
         self.mirror = mirror
         self.hooks = hooks
+        # Ids being adopted (claimed in the store, not yet caught up): 503 on lookup.
+        self._adopting: set[str] = set()
+        #: Bound on an adopted session's catch-up before it is attachable anyway.
+        self.catch_up_timeout_s = 10.0
 
     def __repr__(self) -> str:
         return (f"<SessionRegistry sessions={len(self._sessions)} "
@@ -178,6 +191,9 @@ class SessionRegistry:
             NotFoundError: no such session (404).
             GoneError: it existed and has ended (410).
         """
+        if session_id in self._adopting:
+            raise Unavailable(f"session {session_id} is being taken over by this gateway; "
+                              "retry in a moment")
         session = self._sessions.get(session_id)
         if session is not None:
             return session
@@ -192,6 +208,10 @@ class SessionRegistry:
         if session.owner != identity.user and not identity.is_admin:
             raise NotFoundError(f"no session {session_id!r}")
         return session
+
+    def is_live(self, session_id: str) -> bool:
+        """Whether a session ``session_id`` runs here (adopted ones included)."""
+        return session_id in self._sessions
 
     def sessions(self, owner: str | None = None) -> list[Session]:
         """Live sessions, oldest first; only ``owner``'s when given."""
@@ -256,8 +276,10 @@ class SessionRegistry:
         self._per_user[user] = self._per_user.get(user, 0) + 1
         registered = False
         hooked: Session | None = None  # hooks.starting() ran for it
+        # The id first: an agent stream is labelled with it (adoption finds it by it).
+        session_id = self._new_id()
         try:
-            stream = await self._open(backend, kind, owner, spec)
+            stream = await self._open(backend, kind, owner, spec, session_id)
             nursery = self._nursery
             if nursery is None or self._draining:
                 with trio.CancelScope(shield=True), trio.move_on_after(self.limits.kill_timeout_s):
@@ -266,9 +288,9 @@ class SessionRegistry:
 
             async def reopen(new_spec: StreamSpec) -> UpstreamStream:
                 # A lost shell's restart (Session "Lost upstreams"): same upstream, same owner.
-                return await self._open(backend, kind, owner, new_spec)
+                return await self._open(backend, kind, owner, new_spec, session_id)
 
-            session = Session(self._new_id(), owner=user, spec=spec, upstream_kind=kind,
+            session = Session(session_id, owner=user, spec=spec, upstream_kind=kind,
                               stream=stream, limits=self.limits, counters=self.counters,
                               reopen=reopen, observer=self.hooks)
             if self.hooks is not None:
@@ -307,9 +329,10 @@ class SessionRegistry:
                     await self.hooks.abandoned(hooked)
 
     async def _open(self, backend: Upstream, kind: str, owner: Identity,
-                    spec: StreamSpec) -> UpstreamStream:
+                    spec: StreamSpec, session_id: str) -> UpstreamStream:
         """``backend.open(spec)`` on behalf of ``owner`` (for impersonation), bounded."""
-        with acting_as(owner), trio.move_on_after(self.open_timeout_s) as scope:
+        with acting_as(owner), for_session(session_id), \
+                trio.move_on_after(self.open_timeout_s) as scope:
             stream = await backend.open(spec)
         if scope.cancelled_caught:
             raise UpstreamError(f"upstream {kind!r} did not start the process within "
@@ -323,12 +346,80 @@ class SessionRegistry:
         else:
             self._per_user.pop(user, None)
 
+    # -------------------------------------------------------------- adoption
+
+    def expect(self, session_id: str) -> None:
+        """``session_id`` is about to be adopted here: lookups answer 503 (retry) meanwhile.
+
+        Ends with :meth:`adopt` (once caught up) or :meth:`unexpect`.
+        """
+        self._adopting.add(session_id)
+
+    def unexpect(self, session_id: str) -> None:
+        """The adoption of ``session_id`` will not happen (or is over)."""
+        self._adopting.discard(session_id)
+
+    async def adopt(self, record: SessionRecord, spec: StreamSpec, stream: UpstreamStream, *,
+                    out_offset: int, in_offset: int, catch_up_to: int) -> Session:
+        """Re-create a session another gateway ran, on ``stream`` (its upstream, taken over).
+
+        ``record`` is the session's record as claimed (holder: this gateway;
+        ``record.version`` the version written).  The session keeps its id,
+        owner, spec and resume token (by hash); its output resumes at
+        ``out_offset`` and its input at ``in_offset`` (see
+        :meth:`Session.resume_at`).  It runs at once; it becomes attachable
+        once it caught up (bounded by :attr:`catch_up_timeout_s`).  Not
+        refused for capacity: refusing would kill a running shell.
+
+        Raises:
+            Unavailable: draining, or the registry is not running (the caller
+                closes ``stream``).
+        """
+        nursery = self._nursery
+        if nursery is None or self._draining:
+            self._adopting.discard(record.id)
+            raise Unavailable("the gateway is draining; the agent will reconnect elsewhere")
+        if record.id in self._sessions:
+            self._adopting.discard(record.id)
+            raise Unavailable(f"session {record.id} is still ending here")
+        session = Session(record.id, owner=record.owner, spec=spec, upstream_kind="agent",
+                          stream=stream, limits=self.limits, counters=self.counters,
+                          observer=self.hooks)
+        session.resume_at(out_offset=out_offset, in_offset=in_offset,
+                          token_hash=record.resume_token_hash, catch_up_to=catch_up_to)
+        self._adopting.add(record.id)
+        if len(self._sessions) >= self.max_sessions:
+            log.warning("session.adopt %s: over max_sessions (%d); taken anyway, a running "
+                        "shell is never refused", record.id, self.max_sessions)
+        session.on_closed(self._reap)
+        self._sessions[session.id] = session
+        self._per_user[record.owner] = self._per_user.get(record.owner, 0) + 1
+        self.counters.sessions_created += 1
+        if self.mirror is not None:
+            self.mirror.adopt(session, record.version, created_at=record.created_at)
+        try:
+            await nursery.start(session.run)
+            with trio.move_on_after(self.catch_up_timeout_s) as scope:
+                await session.wait_caught_up()
+            if scope.cancelled_caught:
+                log.warning("session.adopt %s: not caught up within %g s; attachable anyway",
+                            session.id, self.catch_up_timeout_s)
+        finally:
+            self._adopting.discard(record.id)
+        log.info("session.adopt.complete %s owner=%s out=%d in=%d", session.id, record.owner,
+                 out_offset, in_offset)
+        return session
+
     def _reap(self, session: Session) -> None:
         if self._sessions.pop(session.id, None) is None:
             return
         self._release_user(session.owner)
         if self.mirror is not None:
             self.mirror.closed(session)  # the store's tombstone, written by the flusher
+        if session.end_reason == MOVED:
+            # Another gateway holds it now: no tombstone, so its id is looked up there.
+            log.info("session.end.moved %s", session.id)
+            return
         self._tombstones[session.id] = session.end_reason or "closed"
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)

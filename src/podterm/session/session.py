@@ -670,10 +670,7 @@ class Session:
         if catch_up_to - out_offset > self.ring.capacity_bytes or catch_up_to < out_offset:
             raise ValueError(f"cannot catch up from {out_offset} to {catch_up_to} with a ring "
                              f"of {self.ring.capacity_bytes} bytes")
-        ring = self.ring
-        # OutputRing has no public seek, and an empty ring may start at any
-        # offset: its chunk bookkeeping follows ``end`` on the first append.
-        ring._start = ring._end = out_offset  # noqa: SLF001
+        self.ring.start_at(out_offset)
         self.writer_acked = out_offset
         self.in_offset = self._in_sent = self._in_floor = in_offset
         self._bind_input(self._stream)

@@ -32,8 +32,22 @@ Heartbeats: the writer PINGs every ``heartbeat_interval_s``; two missed
 PONGs, or a write stuck that long, mark the link dead (the agent does the same
 from its side).
 
-Multi-replica routing through the session store is a later task: today the
-registry is this process's memory (see ``docs/agent.md``).
+Another gateway's streams: adoption
+-----------------------------------
+Every stream is labelled with its session id (OPEN ``session``, from
+:func:`for_session` around :meth:`AgentUpstream.open`), and the agent lists
+the label in every RESUME.  When an agent whose gateway died reconnects here,
+its RESUME names streams this process never opened.  With :class:`TunnelHooks`
+set (the gateway's :class:`~podterm.gateway.agents.AgentCoordinator`, which
+holds the session store), each of them is *claimed* before we answer: a claim
+says from which output offset to resume (what the client is known to hold)
+and what the session ran; the stream then resumes like any other, with our
+input log starting at the agent's input offset, and the hooks re-create its
+session.  A stream nobody claims is CLOSEd with the reason the hooks give.
+The hooks also hold the agent's lease in the store (who has the tunnel) and
+call :meth:`AgentUpstream.moved_away` when the agent is found at another
+gateway: then our state for it is stale, and its sessions end here without a
+word to the agent (``hand_over``: their clients reconnect and resume there).
 """
 
 from __future__ import annotations
@@ -41,11 +55,23 @@ from __future__ import annotations
 import logging
 import signal as _signal
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
-from podterm.errors import CloseCode, LocalProtocolError, ProtocolViolation, UpstreamError
+from podterm.errors import (
+    CloseCode,
+    LocalProtocolError,
+    PodtermError,
+    ProtocolViolation,
+    Unavailable,
+    UpstreamError,
+)
+from podterm.metrics import MetricFamily, counter, gauge
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream
 from podterm.protocol.events import (
     Ack,
@@ -74,9 +100,10 @@ from podterm.protocol.tunnel import (
     TunnelMux,
     TunnelRole,
 )
+from podterm.protocol.websocket import ConnectionState as WsState
 from podterm.protocol.websocket import WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.store.base import PodIdentity
+from podterm.store.base import PodIdentity, SessionRecord
 from podterm.upstream.base import Context, ExitStatus, OutputChannel, StreamSpec
 
 __all__ = [
@@ -86,6 +113,11 @@ __all__ = [
     "AgentUpstream",
     "AgentUpstreamOptions",
     "AgentUpstreamStatistics",
+    "AnnouncedStream",
+    "ConnectVerdict",
+    "StreamClaim",
+    "TunnelHooks",
+    "for_session",
     "HEADER_AGENT_ID",
     "HEADER_AGENT_VERSION",
     "HEADER_CAPACITY",
@@ -132,6 +164,34 @@ _STDIN_QUANTUM = 32 * 1024
 #: busy tunnel holds the loop.
 _MAX_BATCH_BYTES = 256 * 1024
 
+#: The session id the streams opened in this context belong to (:func:`for_session`).
+_SESSION_ID: ContextVar[str | None] = ContextVar("podterm_agent_session", default=None)
+
+
+@contextmanager
+def for_session(session_id: str) -> Iterator[None]:
+    """Label the streams :meth:`AgentUpstream.open` opens in this block with ``session_id``.
+
+    The registry wraps its upstream open in it; the label travels in the
+    stream's OPEN, and the agent reports it in every RESUME, which is how a
+    gateway that did not open the stream finds its session (adoption).
+    """
+    token = _SESSION_ID.set(session_id)
+    try:
+        yield
+    finally:
+        _SESSION_ID.reset(token)
+
+
+def _moved_error(reason: str) -> UpstreamError:
+    """The error a handed-over stream raises: close 1001, "reconnect and resume elsewhere".
+
+    A session whose upstream fails with close code 1001 ends ``moved``: its
+    clients are told to reconnect (they reach the session's new gateway) and
+    its record in the store is left to the gateway that holds it now.
+    """
+    return UpstreamError(reason, close_code=CloseCode.GOING_AWAY)
+
 
 @dataclass(frozen=True, slots=True)
 class AgentInfo:
@@ -171,6 +231,8 @@ class AgentUpstreamOptions:
             sessions end).  10 min: the default session grace.
         close_timeout_s: bound on a tunnel's close handshake.
         ack_interval_s: the ACK timer bound (docs/protocol.md §6: 100 ms).
+        claim_timeout_s: bound on the hooks' answer to a connection (lease and
+            claims in the session store); beyond it the agent is asked to retry.
     """
 
     window: int = DEFAULT_WINDOW
@@ -181,6 +243,94 @@ class AgentUpstreamOptions:
     lost_timeout_s: float = 600.0
     close_timeout_s: float = 5.0
     ack_interval_s: float = DEFAULT_ACK_INTERVAL_S
+    claim_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncedStream:
+    """A stream in an agent's RESUME, as the hooks see it.
+
+    Attributes:
+        stream_id, window, out_start, out_offset, in_acked: the agent's entry.
+        session: its label (the session id its OPEN carried), if any.
+        known: this process holds it (a reconnect to the same gateway).
+    """
+
+    stream_id: int
+    window: int
+    out_start: int
+    out_offset: int
+    in_acked: int
+    session: str | None
+    known: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClaim:
+    """The hooks take over a stream this process did not open.
+
+    Attributes:
+        stream_id: the agent's stream.
+        out_from: the output offset to resume from, in
+            ``[out_start, out_offset]`` of the agent's entry.
+        in_offset: the agent's input offset (its entry's ``in_acked``).
+        catch_up_to: the output the agent had produced (its ``out_offset``).
+        spec: what the stream runs (target, command, tty, size).
+        record: the session's record as claimed (holder = us, its new version).
+    """
+
+    stream_id: int
+    out_from: int
+    in_offset: int
+    catch_up_to: int
+    spec: StreamSpec
+    record: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectVerdict:
+    """The hooks' answer to a new connection.
+
+    Attributes:
+        claims: streams to adopt, by id.
+        closes: streams to CLOSE, by id, with the reason the agent logs.
+        stale: set when our state for this agent is stale (another gateway
+            has held it since): it is dropped and the connection refused, so
+            the agent reconnects and every stream is claimed afresh.
+    """
+
+    claims: Mapping[int, StreamClaim] = field(default_factory=dict)
+    closes: Mapping[int, str] = field(default_factory=dict)
+    stale: str | None = None
+
+
+class TunnelHooks(Protocol):
+    """What the agent upstream asks of the gateway about agents and the session store.
+
+    Implemented by :class:`podterm.gateway.agents.AgentCoordinator`.
+    """
+
+    async def connected(self, info: AgentInfo,
+                        streams: Sequence[AnnouncedStream]) -> ConnectVerdict:
+        """An agent's RESUME was read: take its lease, and claim or refuse its streams.
+
+        Raises:
+            Unavailable: it cannot decide now (the store is down and streams
+                need it); the agent is asked to retry.
+        """
+        ...
+
+    def adopt(self, info: AgentInfo, claim: StreamClaim, stream: TunnelStream) -> None:
+        """Our RESUME went out: give the claimed ``stream`` its session (never blocks)."""
+        ...
+
+    def unclaimed(self, info: AgentInfo, claim: StreamClaim) -> None:
+        """A claim was not adopted (the connection failed before our RESUME went out)."""
+        ...
+
+    async def disconnected(self, info: AgentInfo) -> None:
+        """The agent's connection ended and no newer one replaced it: release the lease."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +347,16 @@ class AgentUpstreamStatistics:
     gap_bytes: int  # output bytes agents reported lost (their ring overflowed)
     heartbeat_failures: int
     agents: tuple[AgentInfo, ...] = field(default_factory=tuple)
+    streams_adopted: int = 0  # streams another gateway opened, taken over here
+    streams_refused: int = 0  # announced streams nobody claimed (CLOSEd)
+    streams_moved: int = 0  # streams handed over to the gateway that has their agent now
+    connections_refused: int = 0  # connections asked to retry (store down, stale state)
 
 
 class _Counters:
     __slots__ = ("connections", "takeovers", "streams_resumed", "streams_lost", "gap_bytes",
-                 "heartbeat_failures")
+                 "heartbeat_failures", "streams_adopted", "streams_refused", "streams_moved",
+                 "connections_refused")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -210,6 +365,10 @@ class _Counters:
         self.streams_lost = 0
         self.gap_bytes = 0
         self.heartbeat_failures = 0
+        self.streams_adopted = 0
+        self.streams_refused = 0
+        self.streams_moved = 0
+        self.connections_refused = 0
 
 
 def _exit_status(event: Exit) -> ExitStatus:
@@ -239,13 +398,23 @@ class TunnelStream:
     - While the agent is away every call that waits keeps waiting; once the
       agent is declared lost ``receive_some`` returns EOF and ``wait_exit``
       raises :class:`UpstreamError` (the session ends ``upstream_failed``).
+    - Handed over (the agent is at another gateway now): the same, with an
+      :class:`UpstreamError` of close code 1001 (the session ends ``moved``)
+      and nothing sent to the agent, ever again.
+    - ``input_confirmed`` is the input offset the agent has acknowledged (it
+      wrote the bytes to the process): the session acknowledges input to its
+      client only that far, so a client keeps every byte a dying gateway held
+      and re-sends it to the gateway that adopts the stream.
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
-                 "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes")
+                 "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
+                 "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
 
-    def __init__(self, stream_id: int, spec: StreamSpec, window: int, tunnel: _Tunnel) -> None:
+    def __init__(self, stream_id: int, spec: StreamSpec, window: int, tunnel: _Tunnel, *,
+                 session_id: str | None = None, in_offset: int = 0,
+                 adopt_from: int | None = None) -> None:
         self.stream_id = stream_id
         self.spec = spec
         self.window = window
@@ -254,20 +423,30 @@ class TunnelStream:
         self._inbox_bytes = 0
         self._lot = trio.lowlevel.ParkingLot()
         #: Input not yet acknowledged by the agent; never more than one window.
-        self.log = InputLog(limit=window)
+        #: Starts at the agent's input offset for an adopted stream.
+        self.log = InputLog(in_offset, limit=window)
         #: Next input offset to send on the current connection.
-        self.in_sent = 0
-        self.needs_open = True
+        self.in_sent = in_offset
+        #: The session this stream belongs to (its OPEN's label).
+        self.session_id = session_id
+        #: Adopted, until the first RESUME: the output offset to resume from.
+        self.adopt_from = adopt_from
+        # An adopted stream runs on the agent already: no OPEN.
+        self.needs_open = adopt_from is None
         self.size = (_clamp_size(spec.cols), _clamp_size(spec.rows))
         self.size_sent = self.size  # OPEN carries the first size
         self.exit: ExitStatus | None = None
         self.lost: str | None = None
+        self.moved = False
         self.closed = False
         self._receiving = False
         self._sending = False
         self._stdin_closed = False
         self.agent_error: str | None = None
         self.gap_bytes = 0
+        self._confirmed_cb: Callable[[], None] | None = None
+        #: Closed without the agent hearing of it: its process runs on there.
+        self.left_running = False
 
     def __repr__(self) -> str:
         state = ("closed" if self.closed else "lost" if self.lost else
@@ -278,6 +457,15 @@ class TunnelStream:
     @property
     def pid(self) -> int | None:
         return None
+
+    @property
+    def input_confirmed(self) -> int:
+        """Input offset the agent has acknowledged (written to the process)."""
+        return self.log.acked
+
+    def on_input_confirmed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever :attr:`input_confirmed` moves (the session's hook)."""
+        self._confirmed_cb = callback
 
     # ------------------------------------------------------------ the tunnel's side
 
@@ -295,6 +483,8 @@ class TunnelStream:
         if offset > self.log.acked:
             self.log.ack(offset)
             self._lot.unpark_all()  # send_stdin may have room now
+            if self._confirmed_cb is not None:
+                self._confirmed_cb()
 
     def on_exit(self, event: Exit) -> None:
         if self.exit is None:
@@ -317,8 +507,11 @@ class TunnelStream:
 
     def on_resume(self, start: int) -> None:
         """The agent holds our input up to ``start``: resend from there."""
+        self.adopt_from = None
         if start > self.log.acked:
             self.log.ack(start)
+            if self._confirmed_cb is not None:
+                self._confirmed_cb()
         self.in_sent = start
         self._lot.unpark_all()
 
@@ -326,6 +519,13 @@ class TunnelStream:
         """The agent lost this stream (or stayed away too long): the session ends."""
         if self.lost is None and not self.closed:
             self.lost = reason
+        self._lot.unpark_all()
+
+    def hand_over(self, reason: str) -> None:
+        """The agent is at another gateway now: end here (session ``moved``), tell it nothing."""
+        if self.lost is None and not self.closed:
+            self.lost = reason
+            self.moved = True
         self._lot.unpark_all()
 
     def pending_input(self) -> int:
@@ -336,7 +536,7 @@ class TunnelStream:
         spec = self.spec
         cols, rows = self.size
         return Open(spec.command, spec.tty, cols, rows, tuple(spec.env.items()), spec.cwd,
-                    self.window)
+                    self.window, self.session_id)
 
     async def _park(self) -> None:
         """Wait for a change; declare the agent lost if it stays away past its deadline."""
@@ -456,7 +656,7 @@ class TunnelStream:
                 self.exit = _HUNG_UP
                 return self.exit
             if self.lost is not None:
-                raise UpstreamError(self.lost)
+                raise _moved_error(self.lost) if self.moved else UpstreamError(self.lost)
             await self._park()
 
     def capture_context(self) -> Context:
@@ -469,9 +669,15 @@ class TunnelStream:
             await trio.lowlevel.checkpoint()
             return
         self.closed = True
+        tunnel = self._tunnel
+        # Closed while the agent cannot hear it: the process runs on there
+        # (killed at the agent's next RESUME here; a gateway shutting down
+        # leaves it to the peer that adopts it).
+        self.left_running = (self.exit is None and self.lost is None and not self.needs_open
+                             and (not tunnel.link_up or tunnel.moved)) or self.moved
         if self.exit is None and self.lost is None:
             self.exit = _HUNG_UP
-        self._tunnel.stream_closed(self)
+        tunnel.stream_closed(self)
         self._lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
@@ -479,7 +685,7 @@ class TunnelStream:
 class _Connection:
     """One tunnel connection: the WebSocket, its codec, and its two tasks' scope."""
 
-    __slots__ = ("ws", "codec", "scope", "done", "drain_reason", "hb")
+    __slots__ = ("ws", "codec", "scope", "done", "drain_reason", "hb", "replaced")
 
     def __init__(self, ws: WebSocketStream, codec: TunnelCodec) -> None:
         self.ws = ws
@@ -488,6 +694,8 @@ class _Connection:
         self.done = trio.Event()
         self.drain_reason: str | None = None
         self.hb: Heartbeat | None = None
+        #: A newer connection of the same pod took over (it holds the lease now).
+        self.replaced = False
 
 
 class _Tunnel:
@@ -495,7 +703,7 @@ class _Tunnel:
 
     __slots__ = ("upstream", "pod", "info", "mux", "streams", "conn", "link_up",
                  "disconnected_at", "dirty", "acks", "ack_timer", "ack_timer_at",
-                 "closes", "_writer_lot", "expired")
+                 "closes", "_writer_lot", "expired", "close_reasons", "moved")
 
     def __init__(self, upstream: AgentUpstream, info: AgentInfo) -> None:
         self.upstream = upstream
@@ -515,6 +723,10 @@ class _Tunnel:
         self.closes: dict[int, str] = {}  # CLOSEs to send
         self._writer_lot = trio.lowlevel.ParkingLot()
         self.expired = False
+        #: Why announced streams are refused at the next RESUME (the hooks' verdict).
+        self.close_reasons: dict[int, str] = {}
+        #: Handed over to another gateway: nothing is ever sent for it again.
+        self.moved = False
 
     def __repr__(self) -> str:
         return (f"<_Tunnel {self.pod} {'up' if self.link_up else 'down'} "
@@ -554,7 +766,9 @@ class _Tunnel:
         if self.streams.get(sid) is stream:
             del self.streams[sid]
         self.dirty.pop(sid, None)
-        if sid in self.mux and not self.mux.stream_statistics(sid).local_closed:
+        if self.moved:
+            pass  # the agent is another gateway's now: it must not hear of this
+        elif sid in self.mux and not self.mux.stream_statistics(sid).local_closed:
             if stream.needs_open:
                 # Its OPEN never left: the agent does not know the id.  Close it
                 # on our side only (ids are never reused, so skipping one is fine).
@@ -595,12 +809,19 @@ class _Tunnel:
             self.upstream._counters.streams_lost += 1
         entries: list[ResumeEntry] = []
         for sid, stream in self.streams.items():
+            if stream.adopt_from is not None:
+                # Adopted: our input starts where the agent's does; we want its
+                # output from what the client is known to hold.
+                entries.append(ResumeEntry(sid, stream.window, stream.log.acked, stream.log.end,
+                                           stream.adopt_from))
+                continue
             if sid not in mux:
                 continue
             received = mux.stream_statistics(sid).received
             entries.append(ResumeEntry(sid, stream.window, stream.log.acked, stream.log.end,
                                        received))
-        for sid in [sid for sid in self.streams if sid not in mux]:
+        for sid in [sid for sid, s in self.streams.items()
+                    if sid not in mux and s.adopt_from is None]:
             # Opened while disconnected, never announced: the agent cannot have it.
             self.streams.pop(sid).fail(f"the agent of pod {self.pod} never received this shell")
         ours = mux.make_resume(entries)
@@ -615,12 +836,16 @@ class _Tunnel:
         self.closes.clear()
         codec = conn.codec
         out = [codec.encode(0, ours)]
+        reasons, self.close_reasons = self.close_reasons, {}
         for plan in plans:
             wanted = self.streams.get(plan.stream_id)
             if plan.action is ResumeAction.CLOSE or wanted is None:
-                close = Close("not wanted")
+                close = Close(reasons.get(plan.stream_id, "not wanted"))
                 out.append(codec.encode(plan.stream_id, close))
                 mux.sent(plan.stream_id, close)
+                self.upstream._counters.streams_refused += 1
+                log.info("agent.stream.refused %s#%d: %s", self.pod, plan.stream_id,
+                         close.reason)
                 continue
             assert plan.replay is not None
             if plan.replay.gap_from is not None:
@@ -702,6 +927,8 @@ class _Tunnel:
 
     def collect(self, conn: _Connection, parts: list[bytes]) -> None:
         """Append every message due now to ``parts`` (encoded WebSocket frames)."""
+        if self.moved:
+            return  # handed over: the agent is another gateway's
         mux = self.mux
         codec = conn.codec
         send_binary = conn.ws.conn.send_binary
@@ -783,7 +1010,10 @@ class AgentUpstream:
 
     See the module docstring.  The gateway registers it under upstream kind
     ``"agent"`` and routes :data:`AGENTS_PATH` to :meth:`serve_tunnel`
-    (through :mod:`podterm.gateway.agents`).
+    (through :mod:`podterm.gateway.agents`).  :attr:`hooks` (set by the
+    gateway when its session store is shared) leases agents and adopts
+    streams of other gateways; without them a stream this process did not
+    open is CLOSEd.
     """
 
     def __init__(self, options: AgentUpstreamOptions | None = None) -> None:
@@ -792,6 +1022,10 @@ class AgentUpstream:
         self._changed = trio.lowlevel.ParkingLot()
         self._counters = _Counters()
         self.draining: str | None = None
+        self.hooks: TunnelHooks | None = None
+        #: Connections of each pod between their RESUME and their start (a
+        #: connection that ends meanwhile must not release the newer one's lease).
+        self._arriving: dict[PodIdentity, int] = {}
 
     def __repr__(self) -> str:
         up = sum(1 for t in self._tunnels.values() if t.link_up)
@@ -833,7 +1067,50 @@ class AgentUpstream:
             connections=c.connections, takeovers=c.takeovers, streams_resumed=c.streams_resumed,
             streams_lost=c.streams_lost, gap_bytes=c.gap_bytes,
             heartbeat_failures=c.heartbeat_failures,
-            agents=tuple(t.info for t in self._tunnels.values()))
+            agents=tuple(t.info for t in self._tunnels.values()),
+            streams_adopted=c.streams_adopted, streams_refused=c.streams_refused,
+            streams_moved=c.streams_moved, connections_refused=c.connections_refused)
+
+    def knows(self, pod: PodIdentity) -> bool:
+        """Whether this process holds state (a tunnel, up or away) for ``pod``'s agent."""
+        return pod in self._tunnels
+
+    def tunnel_states(self) -> list[tuple[AgentInfo, bool]]:
+        """Every agent this process holds state for, and whether its link is up (the lease ticker)."""
+        return [(t.info, t.link_up) for t in self._tunnels.values()]
+
+    def metric_families(self) -> list[MetricFamily]:
+        """``/metrics`` families of the agent tunnels."""
+        st = self.statistics()
+        return [
+            gauge("podterm_agents_connected", "Agents whose tunnel is up on this gateway.",
+                  st.agents_connected),
+            gauge("podterm_agents_known", "Agents this gateway holds streams for (up or away).",
+                  st.agents_known),
+            gauge("podterm_agent_streams", "Streams over agent tunnels.", st.streams),
+            counter("podterm_agent_connections_total",
+                    "Agent tunnel connections accepted (RESUME exchanged).", st.connections),
+            counter("podterm_agent_connections_refused_total",
+                    "Agent connections asked to retry (store down, stale state).",
+                    st.connections_refused),
+            counter("podterm_agent_streams_resumed_total", "Streams resumed after a reconnect.",
+                    st.streams_resumed),
+            counter("podterm_agent_streams_adopted_total",
+                    "Streams of another gateway adopted here.", st.streams_adopted),
+            counter("podterm_agent_streams_moved_total",
+                    "Streams handed over to the gateway that holds their agent now.",
+                    st.streams_moved),
+            counter("podterm_agent_streams_refused_total",
+                    "Announced streams no session claimed (closed on the agent).",
+                    st.streams_refused),
+            counter("podterm_agent_streams_lost_total",
+                    "Streams whose agent forgot them or stayed away too long.", st.streams_lost),
+            counter("podterm_agent_gap_bytes_total",
+                    "Output bytes agents reported lost (their ring overflowed).", st.gap_bytes),
+            counter("podterm_agent_heartbeat_failures_total",
+                    "Agent links found dead by heartbeats or stuck writes.",
+                    st.heartbeat_failures),
+        ]
 
     # ---------------------------------------------------------------- Upstream
 
@@ -869,7 +1146,7 @@ class AgentUpstream:
                                 f"{info.capacity} shells")
         window = self.options.window
         sid = tunnel.mux.next_id
-        stream = TunnelStream(sid, spec, window, tunnel)
+        stream = TunnelStream(sid, spec, window, tunnel, session_id=_SESSION_ID.get())
         try:
             _CHECK_CODEC.encode(sid, stream.open_event())  # refuse what the agent would
         except LocalProtocolError as exc:
@@ -908,34 +1185,115 @@ class AgentUpstream:
             if self.draining is not None:
                 await _send_drain(ws, codec, self.draining)
                 return
-            while True:
-                tunnel = self._tunnels.get(info.pod)
-                if tunnel is None:
-                    tunnel = self._tunnels[info.pod] = _Tunnel(self, info)
-                old = tunnel.conn
-                if old is None:
-                    break  # no await from here to tunnel.conn = ours: no race
-                # The newest connection wins: the old one may be half-open (the
-                # agent saw it die first), or a second agent claims the pod.
-                if tunnel.info.agent_id != info.agent_id:
-                    log.warning("agent.tunnel.takeover %s: agent %s replaces agent %s",
-                                info.pod, info.agent_id, tunnel.info.agent_id)
-                self._counters.takeovers += 1
-                old.scope.cancel()
-                with trio.move_on_after(self.options.close_timeout_s):
-                    await old.done.wait()
+            pod = info.pod
+            self._arriving[pod] = self._arriving.get(pod, 0) + 1
+            verdict = ConnectVerdict()
+            handed = False
+            try:
+                if self.hooks is not None:
+                    try:
+                        verdict = await self._consult(self.hooks, info, theirs)
+                    except PodtermError as exc:
+                        self._counters.connections_refused += 1
+                        log.warning("agent.tunnel.refused %s: %s; the agent retries", pod,
+                                    exc.message)
+                        await _refuse(ws, codec, "unavailable", exc.message)
+                        return
+                    if verdict.stale is not None:
+                        # Our streams of this agent are stale: another gateway has held
+                        # them since.  Hand them over, and have the agent come back, so
+                        # every stream is claimed afresh from the store.
+                        self.moved_away(pod, verdict.stale)
+                        self._counters.connections_refused += 1
+                        await _refuse(ws, codec, "unavailable",
+                                      "this gateway's state of the agent was stale; reconnect")
+                        return
+                while True:
+                    tunnel = self._tunnels.get(pod)
+                    if tunnel is None:
+                        tunnel = self._tunnels[pod] = _Tunnel(self, info)
+                    old = tunnel.conn
+                    if old is None:
+                        break  # no await from here to tunnel.conn = ours: no race
+                    # The newest connection wins: the old one may be half-open (the
+                    # agent saw it die first), or a second agent claims the pod.
+                    if tunnel.info.agent_id != info.agent_id:
+                        log.warning("agent.tunnel.takeover %s: agent %s replaces agent %s",
+                                    pod, info.agent_id, tunnel.info.agent_id)
+                    self._counters.takeovers += 1
+                    old.replaced = True  # its end must not release the lease we hold now
+                    old.scope.cancel()
+                    with trio.move_on_after(self.options.close_timeout_s):
+                        await old.done.wait()
+                handed = True
+            finally:
+                left = self._arriving[pod] - 1
+                if left:
+                    self._arriving[pod] = left
+                else:
+                    del self._arriving[pod]
+                if not handed and self.hooks is not None:
+                    for claim in verdict.claims.values():
+                        self.hooks.unclaimed(info, claim)
             tunnel.info = info
             tunnel.expired = False
             conn = _Connection(ws, codec)
-            await self._run_connection(tunnel, conn, theirs, early)
+            # No await between the count going down and tunnel.conn = conn.
+            await self._run_connection(tunnel, conn, theirs, early, verdict)
         finally:
             with trio.CancelScope(shield=True):
                 await ws.abort(CloseCode.GOING_AWAY, "")
 
+    async def _consult(self, hooks: TunnelHooks, info: AgentInfo,
+                       theirs: Resume) -> ConnectVerdict:
+        """Ask the hooks about a new connection; keep only claims that fit the RESUME.
+
+        Raises:
+            Unavailable: the hooks cannot decide now, or did not answer in time.
+        """
+        tunnel = self._tunnels.get(info.pod)
+        known = set(tunnel.streams) if tunnel is not None else set()
+        announced = [AnnouncedStream(e.stream_id, e.window, e.out_start, e.out_offset,
+                                     e.in_acked, e.session, e.stream_id in known)
+                     for e in theirs.streams]
+        try:
+            with trio.fail_after(self.options.claim_timeout_s):
+                verdict = await hooks.connected(info, announced)
+        except trio.TooSlowError:
+            raise Unavailable("the session store did not answer in time; retry") from None
+        entries = {a.stream_id: a for a in announced}
+        claims: dict[int, StreamClaim] = {}
+        for sid, claim in verdict.claims.items():
+            a = entries.get(sid)
+            if (a is None or a.known or claim.stream_id != sid
+                    or not a.out_start <= claim.out_from <= a.out_offset):
+                log.error("agent.stream.claim.invalid %s#%d: %r", info.pod, sid, claim)
+                hooks.unclaimed(info, claim)
+                continue
+            claims[sid] = claim
+        return ConnectVerdict(claims=claims, closes=verdict.closes, stale=verdict.stale)
+
     async def _run_connection(self, tunnel: _Tunnel, conn: _Connection, theirs: Resume,
-                              early: list[tuple[int, Event]]) -> None:
+                              early: list[tuple[int, Event]],
+                              verdict: ConnectVerdict | None = None) -> None:
         ws = conn.ws
         tunnel.conn = conn
+        # Claimed streams join before the RESUME answer, which lists them.
+        adopted: list[tuple[StreamClaim, TunnelStream]] = []
+        if verdict is not None:
+            entries = {e.stream_id: e for e in theirs.streams}
+            for sid, claim in verdict.claims.items():
+                entry = entries.get(sid)
+                if entry is None or sid in tunnel.streams:
+                    if self.hooks is not None:
+                        self.hooks.unclaimed(tunnel.info, claim)
+                    continue
+                stream = TunnelStream(sid, claim.spec, entry.window, tunnel,
+                                      session_id=claim.record.id, in_offset=entry.in_acked,
+                                      adopt_from=claim.out_from)
+                tunnel.streams[sid] = stream
+                adopted.append((claim, stream))
+            tunnel.close_reasons = dict(verdict.closes)
         try:
             with conn.scope:
                 try:
@@ -946,13 +1304,22 @@ class AgentUpstream:
                     log.warning("agent.tunnel.failed %s: %s", tunnel.pod, exc.message)
                     await ws.aclose(int(exc.close_code), exc.message[:100])
                     return
+                if ws.conn.state is not WsState.OPEN:
+                    return  # the agent left before our RESUME
                 send_binary = ws.conn.send_binary
                 await ws.send_raw(b"".join(send_binary(p, prefix) for prefix, p in first))
                 self._counters.connections += 1
                 tunnel.set_link(True)
                 self._changed.unpark_all()
-                log.info("agent.tunnel.complete %s agent=%s user=%s streams=%d", tunnel.pod,
-                         tunnel.info.agent_id, tunnel.info.user, len(tunnel.streams))
+                log.info("agent.tunnel.complete %s agent=%s user=%s streams=%d adopted=%d",
+                         tunnel.pod, tunnel.info.agent_id, tunnel.info.user,
+                         len(tunnel.streams), len(adopted))
+                if self.hooks is not None:
+                    for claim, stream in adopted:
+                        if tunnel.streams.get(stream.stream_id) is stream:
+                            self._counters.streams_adopted += 1
+                            self.hooks.adopt(tunnel.info, claim, stream)
+                adopted = []  # the hooks own them now
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_loop, tunnel, conn, nursery.cancel_scope)
                     await self._send_loop(tunnel, conn)
@@ -960,15 +1327,74 @@ class AgentUpstream:
         except ConnectionClosed:
             pass
         finally:
-            if tunnel.conn is conn:
+            for claim, stream in adopted:
+                # Claimed but never adopted (the connection failed first): the next
+                # connection claims it again.
+                if tunnel.streams.get(stream.stream_id) is stream:
+                    del tunnel.streams[stream.stream_id]
+                if self.hooks is not None:
+                    self.hooks.unclaimed(tunnel.info, claim)
+            current = tunnel.conn is conn
+            if current:
                 tunnel.conn = None
                 if tunnel.link_up:
                     tunnel.set_link(False)
                     log.info("agent.tunnel.lost %s: %d streams paused", tunnel.pod,
                              len(tunnel.streams))
+            if (current and self.hooks is not None and not conn.replaced and not tunnel.moved
+                    and not self._arriving.get(tunnel.pod) and _closed_cleanly(ws)):
+                # The agent left (or was drained away): its lease is released, so
+                # nobody forwards to us for it until it comes back somewhere.  A
+                # link that died keeps it until it expires: the agent may well
+                # come straight back, and a peer it reaches instead overwrites it.
+                with trio.CancelScope(shield=True), \
+                        trio.move_on_after(self.options.close_timeout_s):
+                    await self.hooks.disconnected(tunnel.info)
             conn.done.set()
             self._changed.unpark_all()
             self._forget_if_idle(tunnel)
+
+    def let_go(self, stream: TunnelStream, reason: str) -> None:
+        """Stop serving ``stream`` here without a word to the agent (an adoption that
+        failed): the agent keeps the process, and its next RESUME announces it again."""
+        tunnel = stream._tunnel  # noqa: SLF001 - the upstream owns its streams' tunnels
+        if tunnel.streams.get(stream.stream_id) is stream:
+            del tunnel.streams[stream.stream_id]
+            tunnel.dirty.pop(stream.stream_id, None)
+        stream.hand_over(reason)
+
+    def moved_away(self, pod: PodIdentity, reason: str) -> int:
+        """The agent of ``pod`` is another gateway's now: drop our state of it.
+
+        Its connection here (half-open, or stale) is cancelled and its streams
+        are handed over: their sessions end ``moved`` here, their clients are
+        told to reconnect (and reach the session's new gateway), and the agent
+        hears nothing (a CLOSE would kill a shell another gateway serves).
+
+        Returns:
+            How many streams were handed over.
+        """
+        tunnel = self._tunnels.pop(pod, None)
+        if tunnel is None:
+            return 0
+        tunnel.moved = True
+        streams = list(tunnel.streams.values())
+        log.warning("agent.tunnel.moved %s: %s; %d streams handed over", pod, reason,
+                    len(streams))
+        conn = tunnel.conn
+        if conn is not None:
+            conn.replaced = True
+            conn.scope.cancel()
+        tunnel.streams.clear()
+        tunnel.closes.clear()
+        tunnel.dirty.clear()
+        tunnel.acks.clear()
+        for stream in streams:
+            stream.hand_over(reason)
+        self._counters.streams_moved += len(streams)
+        tunnel.wake_writer()
+        self._changed.unpark_all()
+        return len(streams)
 
     async def _receive_loop(self, tunnel: _Tunnel, conn: _Connection,
                             scope: trio.CancelScope) -> None:
@@ -998,6 +1424,10 @@ class AgentUpstream:
         ws.heartbeat = hb
         stall_s = options.heartbeat_interval_s * options.heartbeat_max_missed
         while True:
+            if ws.conn.state is not WsState.OPEN:
+                # Closing (the agent's CLOSE, or its end, was read while we
+                # waited): nothing more may be sent; the reader ends the link.
+                return
             parts: list[bytes] = []
             tunnel.collect(conn, parts)
             now = trio.current_time()
@@ -1079,6 +1509,25 @@ async def _read_resume(ws: WebSocketStream, codec: TunnelCodec
                 return event, events[i + 1:]
             if isinstance(event, ErrorMsg):
                 log.info("agent.tunnel.error before RESUME: %s %s", event.code, event.message)
+
+
+def _closed_cleanly(ws: WebSocketStream) -> bool:
+    """Whether the link ended with a close handshake meaning "going away" (not a dead link)."""
+    closed = ws.closed
+    return closed is not None and closed.code in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+
+
+async def _refuse(ws: WebSocketStream, codec: TunnelCodec, code: str, message: str) -> None:
+    """Refuse a connection after the agent's RESUME: CONTROL ``error``, then close 1013.
+
+    1013 "try again later": the agent reconnects with backoff; its shells go on.
+    """
+    prefix, payload = codec.encode(0, ErrorMsg(code, message))
+    try:
+        await ws.send_binary(payload, prefix)
+    except ConnectionClosed:
+        pass
+    await ws.aclose(CloseCode.TRY_AGAIN_LATER, message[:100])
 
 
 async def _send_drain(ws: WebSocketStream, codec: TunnelCodec, reason: str) -> None:
