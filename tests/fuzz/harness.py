@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h11
 import trio
 
 from podterm.audit import AuditEvent
@@ -67,6 +66,7 @@ from podterm.net.wsconn import ConnectionClosed, WebSocketStream, client_handsha
 from podterm.protocol.events import Hello, Stdout
 from podterm.protocol.session_proto import SUBPROTOCOL, ClientCodec, encode_ack
 from tests.fuzz import cases
+from tests.helpers.http import request
 
 __all__ = ["ALLOWED_CLOSE_CODES", "ALLOWED_STATUSES", "FuzzReport", "fuzz_gateway"]
 
@@ -141,29 +141,8 @@ class _Errors(logging.Handler):
 
 async def _rest(port: int, token: str, method: str, path: str, body: Any = None
                 ) -> tuple[int, Any]:
-    conn = h11.Connection(h11.CLIENT)
-    data = json.dumps(body).encode() if body is not None else b""
-    headers = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
-               ("Authorization", f"Bearer {token}")]
-    if data:
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        out = conn.send(h11.Request(method=method, target=path, headers=headers))
-        if data:
-            out += conn.send(h11.Data(data=data))
-        await stream.send_all(out + conn.send(h11.EndOfMessage()))
-        status, chunks = 0, []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            else:
-                break
-    return status, json.loads(b"".join(chunks) or b"null")
+    answer = await request(port, method, path, token=token, body=body)
+    return answer.status, json.loads(answer.body or b"null")
 
 
 async def _new_session(gw: Gateway, token: str) -> str:

@@ -18,15 +18,13 @@ test fails if its sessions did not all end.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import h11
 import pytest
 import trio
+from tests.helpers.http import HttpAnswer, request
 
 from podterm.config import (
     AuditConfig,
@@ -44,19 +42,6 @@ from podterm.session.session import SessionLimits
 
 #: Every wait in these tests is bounded by this (seconds, real time).
 WAIT_S = 10.0
-
-
-@dataclasses.dataclass
-class HttpAnswer:
-    """A REST answer: status, lower-cased headers, raw body, and the body as JSON."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class ProtoClient:
@@ -203,42 +188,8 @@ class GatewayUnderTest:
         """One HTTP/1.1 request on a fresh connection; ``token="admin"`` means the admin token."""
         if token == "admin":
             token = self.admin_token
-        hdrs: list[tuple[str, str]] = [("Host", f"127.0.0.1:{self.port}"),
-                                       ("Connection", "close")]
-        if token is not None:
-            hdrs.append(("Authorization", f"Bearer {token}"))
-        data = raw_body
-        if data is None and body is not None:
-            data = json.dumps(body).encode()
-        if data is not None:
-            hdrs += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-        hdrs += headers or []
-        conn = h11.Connection(h11.CLIENT)
-        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-        async with stream:
-            out = conn.send(h11.Request(method=method, target=path, headers=hdrs))
-            if data:
-                out += conn.send(h11.Data(data=data))
-            out += conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            status = 0
-            rheaders: dict[str, str] = {}
-            chunks = []
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                    continue
-                if isinstance(event, h11.Response | h11.InformationalResponse):
-                    status = event.status_code
-                    rheaders = {k.decode().lower(): v.decode() for k, v in event.headers}
-                    if status == 101:
-                        break  # an upgrade: no body follows, and h11 pauses here
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-        return HttpAnswer(status, rheaders, b"".join(chunks))
+        return await request(self.port, method, path, token=token, body=body,
+                             raw_body=raw_body, headers=headers or ())
 
     async def create(self, command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
         """POST a session; assert 201; return its JSON."""

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import h11
 import pytest
 import trio
 import trio.testing
+from tests.helpers.http import exchange
 from tests.helpers.proxylb import ProxyLB, open_proxy_lb
 
 from conftest import GatewayUnderTest, ProtoClient
@@ -99,30 +99,15 @@ async def http(stream: trio.abc.Stream, method: str, path: str, *, token: str | 
                body: Any = None, headers: list[tuple[str, str]] | None = None
                ) -> tuple[int, bytes]:
     """One HTTP/1.1 request on ``stream`` (closed afterwards); ``(status, body)``."""
-    conn = h11.Connection(h11.CLIENT)
     hdrs = [("Host", "gateway"), ("Connection", "close"), *(headers or [])]
     if token is not None:
         hdrs.append(("Authorization", f"Bearer {token}"))
-    data = json.dumps(body).encode() if body is not None else b""
-    if data:
-        hdrs += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    data = json.dumps(body).encode() if body is not None else None
+    if data is not None:
+        hdrs.append(("Content-Type", "application/json"))
     async with stream:
-        out = conn.send(h11.Request(method=method, target=path, headers=hdrs))
-        if data:
-            out += conn.send(h11.Data(data=data))
-        out += conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
-        status, chunks = 0, []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, b"".join(chunks)
+        answer = await exchange(stream, method, path, headers=hdrs, body=data)
+    return answer.status, answer.body
 
 
 async def metrics_via(lb: ProxyLB, source: str) -> str:

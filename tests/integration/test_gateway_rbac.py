@@ -23,6 +23,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tests.helpers.http import exchange
 
 from podterm.audit import AuditEvent, MemorySink
 from podterm.auth.oidc import OidcAuthenticator, OidcConfig
@@ -130,31 +131,15 @@ async def test_static_tokens_valid_wrong_and_missing(make_gateway: GatewayFactor
 
 async def _https(port: int, ctx: ssl.SSLContext, method: str, path: str,
                  body: Any = None) -> tuple[int, bytes]:
-    data = b"" if body is None else json.dumps(body).encode()
     stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ctx,
                                                  https_compatible=True)
-    conn = h11.Connection(h11.CLIENT)
-    status, out = 0, b""
+    headers = [("Host", "127.0.0.1"), ("Connection", "close")]
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers.append(("Content-Type", "application/json"))
     async with stream:
-        headers = [("Host", "127.0.0.1"), ("Connection", "close")]
-        if data:
-            headers += [("Content-Type", "application/json"),
-                        ("Content-Length", str(len(data)))]
-        await stream.send_all(conn.send(h11.Request(method=method, target=path,
-                                                    headers=headers))
-                              + (conn.send(h11.Data(data=data)) if data else b"")
-                              + conn.send(h11.EndOfMessage()))
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                out += event.data
-            else:
-                break
-    return status, out
+        answer = await exchange(stream, method, path, headers=headers, body=data)
+    return answer.status, answer.body
 
 
 async def test_client_certificates_trusted_and_untrusted(make_gateway: GatewayFactory,

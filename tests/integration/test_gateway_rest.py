@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import h11
 import pytest
 import trio
+from tests.helpers.http import exchange
 
 from podterm.config import AuthConfig, LimitsConfig, TLSConfig
 from podterm.errors import HandshakeError
@@ -236,25 +237,12 @@ async def _https(port: int, ctx: ssl.SSLContext, path: str,
     """GET ``path`` over TLS; return (status, body)."""
     stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ctx,
                                                  https_compatible=True)
-    conn = h11.Connection(h11.CLIENT)
     headers = [("Host", "127.0.0.1"), ("Connection", "close")]
     if token:
         headers.append(("Authorization", f"Bearer {token}"))
-    status, body = 0, b""
     async with stream:
-        await stream.send_all(conn.send(h11.Request(method="GET", target=path, headers=headers))
-                              + conn.send(h11.EndOfMessage()))
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            else:
-                break
-    return status, body
+        answer = await exchange(stream, "GET", path, headers=headers)
+    return answer.status, answer.body
 
 
 async def test_tls_token_and_client_certificates(make_gateway: GatewayFactory,
