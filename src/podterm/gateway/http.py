@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -423,7 +424,8 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
                      counters: GatewayCounters, keep_alive: Callable[[], bool] = lambda: True,
                      client: ClientAddress | None = None,
                      client_policy: ClientAddressPolicy | None = None,
-                     on_protocol_error: Callable[[int, str], None] | None = None
+                     on_protocol_error: Callable[[int, str], None] | None = None,
+                     on_tls_error: Callable[[ssl.SSLError], None] | None = None
                      ) -> Upgraded | None:
     """Serve HTTP/1.1 on ``stream`` until the client leaves or a limit ends it.
 
@@ -441,6 +443,10 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
             request (``Request.client``); none are believed when None.
         on_protocol_error: called with the status and the reason when the
             peer broke HTTP (the audit's ``protocol.reject``).
+        on_tls_error: called with the error when the TLS handshake of an
+            :class:`trio.SSLStream` fails on a TLS error (a client certificate
+            that does not verify, a protocol mismatch); a peer that merely
+            hangs up is not reported.
 
     Returns:
         The :class:`Upgraded` a handler returned (the caller runs it; the
@@ -454,6 +460,18 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
     served = 0
     upgraded: Upgraded | None = None
     try:
+        if isinstance(stream, trio.SSLStream):
+            # The handshake first, on its own, so that a refused client
+            # certificate is told apart from a client that went away.
+            with trio.move_on_after(limits.header_timeout_s) as handshake:
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    if isinstance(exc.__cause__, ssl.SSLError) and on_tls_error is not None:
+                        on_tls_error(exc.__cause__)
+                    raise _ClientGone() from exc
+            if handshake.cancelled_caught:
+                return None  # no handshake in time: nothing can be said, hang up
         while True:
             first = served == 0
             wait = limits.header_timeout_s if first else limits.keepalive_timeout_s

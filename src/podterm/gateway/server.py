@@ -346,7 +346,8 @@ class Gateway:
             kube, KubeUpstream) else LocalBackend())
         self.kubeapi = KubeApi(self.registry, self.counters, backend=kube_backend,
                                ws_limits=ws_limits,
-                               open_timeout_s=config.limits.handshake_timeout_s)
+                               open_timeout_s=config.limits.handshake_timeout_s,
+                               agents=self.agents)
         self.admin = AdminApi(self.registry, self.counters, self.lag, lambda: self.draining,
                               unready=self._unready)
         self.agent_endpoint = AgentEndpoint(self.agents, self.counters,
@@ -384,7 +385,9 @@ class Gateway:
             load_peer_secret(cluster.peer_secret_file) if cluster.peer_secret_file else None)
         self.peers = Peers(self.registry, self.store, secret=secret,
                            tls=peer_client_context(config.tls), auditor=self.auditor,
-                           draining=lambda: self.draining, worker=role)
+                           draining=lambda: self.draining, worker=role,
+                           recovery_grace_s=self.limits.grace_s)
+        self.peers.agent_here = self.agents.is_connected
         self.peers.local_families = self._metric_families
         self.router = Router(self._routes(), authenticator=self.authenticator,
                              counters=self.counters, auditor=self.auditor, chain=self.chain,
@@ -604,7 +607,9 @@ class Gateway:
                                         keep_alive=lambda: not self.draining, client=client,
                                         client_policy=policy,
                                         on_protocol_error=functools.partial(
-                                            self._http_rejected, str(client)))
+                                            self._http_rejected, str(client)),
+                                        on_tls_error=functools.partial(
+                                            self._tls_rejected, str(client)))
             if upgraded is not None and upgraded.run is not None:
                 try:
                     await upgraded.run()
@@ -640,6 +645,24 @@ class Gateway:
         await self.auditor.emit("protocol.reject", outcome="rejected",
                                 context=RequestContext(source_addr=source), reason=reason,
                                 http_status=429, protocol="http/1.1")
+
+    def _tls_rejected(self, source: str, error: ssl.SSLError) -> None:
+        """A TLS handshake that failed on a TLS error: ``auth.failure`` (method ``x509``)
+        when the client's certificate did not verify, else ``protocol.reject``."""
+        detail = getattr(error, "verify_message", None) or getattr(error, "reason", None)
+        text = str(detail or error)
+        context = RequestContext(source_addr=source)
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(
+                getattr(error, "reason", "") or "").upper():
+            GatewayCounters.bump(self.counters.http_errors, "tls_client_certificate")
+            self.auditor.emit_nowait(
+                "auth.failure", outcome="rejected", context=context, method="x509",
+                reason=f"client certificate refused in the TLS handshake: {text}",
+                failure="bad_certificate")
+            return
+        GatewayCounters.bump(self.counters.http_errors, "tls_handshake")
+        self.auditor.protocol_rejected_nowait(f"TLS handshake failed: {text}", protocol="tls",
+                                              context=context)
 
     def _http_rejected(self, source: str, status: int, reason: str) -> None:
         """``protocol.reject`` for a request that broke HTTP (answered ``status``)."""
