@@ -23,7 +23,8 @@ VPY=$ROOT/.venv/bin/python
 
 # 1. Python dependencies (re-run when pyproject/setup.py change).
 extras=""
-[[ $WANT_TEST == 1 ]] && extras="[test]"
+# The tests smoke-run every benchmark, the locust file among them: the bench extra too.
+[[ $WANT_TEST == 1 ]] && extras="[test,bench]"
 deps_key="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)$extras"
 if ! stamp_ok deps "$deps_key"; then
     log "installing build tools and podterm$extras (editable; pip's log: .state/pip.log)"
