@@ -24,15 +24,12 @@ import base64
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ import trio
 import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tests.helpers.fake_kubeauth import FakeApi, running_fake_api, write_kubeconfig
 
 from podterm.audit import AuditEvent
 
@@ -203,89 +201,17 @@ oidc-groups-prefix = "oidc:"
 # ------------------------------------------------- TokenReview, SubjectAccessReview
 
 
-@dataclass
-class FakeApi:
-    """Answers TokenReview and SubjectAccessReview; records every request."""
-
-    port: int = 0
-    ca_path: Path = Path()
-    requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
-    respond: Callable[[str, Any], tuple[int, Any]] = lambda path, body: (404, {})
-
-    def bodies(self, kind: str) -> list[Any]:
-        return [body for path, _, body in self.requests if path.endswith(kind)]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = WAIT_S
-    server: _Server
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        api = self.server.api
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-        api.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        status, answer = api.respond(self.path, body)
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    api: FakeApi
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a gateway that closed a kept-alive connection at its exit
-
-
 @pytest.fixture
 def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
-    ca = trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True,
-                                    do_handshake_on_connect=False)
-    ca_path = tmp_path / "apiserver-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    api = FakeApi(port=server.server_address[1], ca_path=ca_path)
-    server.api = api
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    (tmp_path / "kubeconfig.yaml").write_text(f"""\
-apiVersion: v1
-kind: Config
-clusters:
-- name: fake
-  cluster:
-    server: https://127.0.0.1:{api.port}
-    certificate-authority: {ca_path}
-users:
-- name: gateway
-  user:
-    token: {GATEWAY_CREDENTIAL}
-contexts:
-- name: fake
-  context: {{cluster: fake, user: gateway}}
-current-context: fake
-""")
-    try:
+    """The fake apiserver (TokenReview, SubjectAccessReview), and a kubeconfig for it
+    in ``tmp_path/kubeconfig.yaml`` with the gateway's own credential."""
+    with running_fake_api(trustme.CA(), tmp_path) as api:
+        write_kubeconfig(api, tmp_path / "kubeconfig.yaml", token=GATEWAY_CREDENTIAL)
         yield api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT_S)
 
 
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+SARS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 SA_TOKEN = "sa-token-vouched-for"
 SA_USER = "system:serviceaccount:dev:ci"
 SA_GROUPS = ["system:serviceaccounts", "system:serviceaccounts:dev", "system:authenticated"]
@@ -327,9 +253,9 @@ tokenreview-cache-ttl = "30s"
             assert (await request(served.port, "GET", "/api/v1/sessions", SA_TOKEN))[0] == 200
             status, body = await request(served.port, "GET", "/api/v1/sessions", "not-vouched")
             assert status == 401, body
-    reviews = fake_api.bodies("/tokenreviews")
+    reviews = fake_api.bodies(TOKENREVIEWS)
     assert [r["spec"]["audiences"] for r in reviews] == [[AUDIENCE], [AUDIENCE]]
-    assert {h["authorization"] for p, h, _ in fake_api.requests} == \
+    assert {r.headers["authorization"] for r in fake_api.requests} == \
         {f"Bearer {GATEWAY_CREDENTIAL}"}
     events = auth_events(served)
     assert [(e.type, e.details["method"]) for e in events] == [
@@ -359,7 +285,7 @@ subjectaccessreview = true
             denied = await request(served.port, "POST", "/api/v1/sessions", SA_TOKEN,
                                    {"command": ["true"], "namespace": "prod", "pod": "web"})
             assert denied[0] == 403, denied
-    asked = [b["spec"] for b in fake_api.bodies("/subjectaccessreviews")]
+    asked = [b["spec"] for b in fake_api.bodies(SARS)]
     assert [(s["user"], s["resourceAttributes"]["namespace"],
              s["resourceAttributes"]["subresource"]) for s in asked] == [
         (SA_USER, "dev", "exec"), (SA_USER, "prod", "exec")]
