@@ -132,6 +132,11 @@ REGISTRY: Mapping[str, EventKind] = MappingProxyType(dict([
           ("reason", "exit_code", "bytes_in", "bytes_out"),
           ("signal", "duration_s", "recording"),
           "a session ended: process exit, kill, grace expiry, idle, max age, shutdown"),
+    _kind("session.adopt", "PT2006", ("success",),
+          ("previous_holder", "holder", "out_offset", "in_offset"),
+          ("agent_out_offset", "upstream", "recording"),
+          "a peer took over a session whose gateway died (its agent reconnected here); "
+          "output resumes at out_offset, input at in_offset"),
     _kind("recording.failure", "PT2100", ("error",), ("path", "error"), (),
           "a session's recording could not be written; the session is closed (fail closed)"),
     _kind("policy.reload", "PT3000", ("success", "error"), ("file",),

@@ -608,7 +608,8 @@ class AgentCoordinator:
                         stream_id=a.stream_id, out_from=self._resume_offset(record, a),
                         in_offset=a.in_acked, catch_up_to=a.out_offset,
                         spec=spec_of(record),
-                        record=dataclasses.replace(claimed, version=record.version + 1))
+                        record=dataclasses.replace(claimed, version=record.version + 1),
+                        previous_holder=record.holder)
                 self.registry.unexpect(session_id)
         except StoreUnavailable as exc:
             self.registry.unexpect(session_id)
@@ -644,7 +645,8 @@ class AgentCoordinator:
         try:
             await self.registry.adopt(claim.record, claim.spec, stream,
                                       out_offset=claim.out_from, in_offset=claim.in_offset,
-                                      catch_up_to=claim.catch_up_to)
+                                      catch_up_to=claim.catch_up_to,
+                                      previous_holder=claim.previous_holder)
         except Exception as exc:
             # Draining (or a bug): leave the shell to the agent; the gateway its
             # next connection reaches adopts it.

@@ -45,6 +45,7 @@ import os
 import re
 import shlex
 import signal as _signal
+import time
 from collections import deque
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -64,6 +65,7 @@ from podterm.metrics import MetricFamily, labelled
 from podterm.recording.recorder import Recorder, RecordingFailed
 from podterm.recording.writer import RecordingWriter
 from podterm.session.attachment import Attachment, Mode
+from podterm.store.base import SessionRecord
 from podterm.upstream.base import StreamSpec
 
 if TYPE_CHECKING:
@@ -185,6 +187,8 @@ class _SessionRecord:
     context: RequestContext
     target: Target
     recording: str | None
+    #: Wall-clock start of an adopted session (its record's), for ``duration_s``.
+    created_at: float | None = None
 
 
 class Auditor:
@@ -524,6 +528,46 @@ class Auditor:
             session.recorder = recorder
         self._sessions[session.id] = _SessionRecord(ctx, _spec_target(spec, session.id), path)
 
+    async def adopting(self, session: Session, record: SessionRecord, *, previous_holder: str,
+                       out_offset: int, in_offset: int, agent_out_offset: int) -> None:
+        """A session another gateway ran is taken over here and has not run yet.
+
+        Opens the next part of its recording (``<id>.partN.cast``, starting
+        with a marker at ``out_offset``; recording/writer.py) and emits
+        ``session.adopt``.  Its later events (attach, resume, detach, end) are
+        this gateway's, as for any session; they carry the owner as actor
+        (there is no request behind an adoption).
+
+        Raises:
+            ValueError, trio.ClosedResourceError: the recording could not
+                start (nothing is left open); the adoption is given up and the
+                shell stays with its agent.
+        """
+        ctx = RequestContext(user=record.owner)
+        spec = session.spec
+        path: str | None = None
+        recordings = self.recordings
+        if recordings is not None:
+            env = {"SHELL": spec.env.get("SHELL") or "/bin/sh",
+                   "TERM": spec.env.get("TERM") or "xterm-256color"}
+            recorder = await recordings.open_continuation(
+                session.id, session.cols, session.rows, resumed_at=out_offset,
+                note=f"adopted from {previous_holder or 'an unknown gateway'}",
+                env=env, title=f"{session.owner}@{spec.namespace or 'default'}/"
+                               f"{spec.pod or 'local'}",
+                command=shlex.join(spec.command) if spec.command is not None else None)
+            path = str(recorder.path) if recorder.path is not None else None
+            recorder.on_failure(lambda rec, exc: self._recording_failed(session, rec, exc))
+            session.recorder = recorder
+        target = _spec_target(spec, session.id)
+        self._sessions[session.id] = _SessionRecord(ctx, target, path,
+                                                    created_at=record.created_at or None)
+        await self.emit("session.adopt", context=ctx, target=target,
+                        previous_holder=previous_holder or None, holder=record.holder,
+                        out_offset=out_offset, in_offset=in_offset,
+                        agent_out_offset=agent_out_offset, upstream=session.upstream_kind,
+                        recording=path)
+
     async def abandoned(self, session: Session) -> None:
         """Undo :meth:`starting`: the session will never run (its recording is closed)."""
         self._sessions.pop(session.id, None)
@@ -630,7 +674,9 @@ class Auditor:
                                                                           session.id),
             reason=reason, exit_code=status.code if status is not None else None,
             signal=signal, bytes_in=session.in_written, bytes_out=session.out_offset,
-            duration_s=round(max(0.0, trio.current_time() - session.created_mono), 3),
+            duration_s=round(max(0.0, time.time() - record.created_at
+                                 if record is not None and record.created_at is not None
+                                 else trio.current_time() - session.created_mono), 3),
             recording=record.recording if record is not None else None)
 
     # --------------------------------------------------------------- admin

@@ -43,6 +43,17 @@ local upstream has no long-running main process to attach to).  Any other
 pod name is ``404 NotFound``; any other container is ``400`` ``container X is
 not valid for pod P``.
 
+The pods of agents
+------------------
+A pod whose sidecar agent is connected to this gateway (``podterm agent``,
+docs/agent.md) is served by the agent upstream, whatever the default
+upstream is: its exec and attach run as agent sessions (so they survive this
+gateway, like any agent session; kubectl itself cannot resume, see below).
+With the local backend its pod GET is synthesized with the agent's
+containers (``main`` when it reports none).  A pod whose agent is connected
+to *another* peer is forwarded there before it gets here
+(gateway/peers.py, docs/ha.md).
+
 The exec/attach upgrade
 -----------------------
 Checks, in this order, the same for the GET and for kubectl's SPDY ``POST``
@@ -133,6 +144,8 @@ from podterm.resilience.heartbeat import Heartbeat
 from podterm.session.attachment import Attachment, Mode
 from podterm.session.registry import SessionRegistry
 from podterm.session.session import Session
+from podterm.store.base import PodIdentity
+from podterm.upstream.agent import AgentInfo, AgentUpstream
 from podterm.upstream.base import StreamSpec
 
 __all__ = [
@@ -439,27 +452,33 @@ class LocalBackend:
         return None
 
     async def get_pod(self, namespace: str, name: str, identity: Identity) -> PodInfo | None:
+        return self.synthesize(namespace, name)
+
+    def synthesize(self, namespace: str, name: str, containers: Sequence[str] = (),
+                   upstream: str = "local") -> PodInfo | None:
+        """A Running pod with ``containers`` (default: this backend's), or None for a bad name."""
         if not _LABEL.fullmatch(namespace) or not _SUBDOMAIN.fullmatch(name):
             return None  # such a pod cannot exist
-        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"podterm-local:{namespace}/{name}"))
+        names = tuple(containers) or self.containers
+        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"podterm-{upstream}:{namespace}/{name}"))
         obj = {
             "kind": "Pod", "apiVersion": "v1",
             "metadata": {"name": name, "namespace": namespace, "uid": uid,
                          "creationTimestamp": self._created,
                          "labels": {"app.kubernetes.io/managed-by": "podterm"},
                          "annotations": {"kubectl.kubernetes.io/default-container":
-                                         self.containers[0],
-                                         "podterm.dev/upstream": "local"}},
+                                         names[0],
+                                         "podterm.dev/upstream": upstream}},
             "spec": {"containers": [{"name": c, "image": "podterm/local", "stdin": True,
-                                     "tty": True} for c in self.containers]},
+                                     "tty": True} for c in names]},
             "status": {"phase": "Running",
                        "containerStatuses": [{"name": c, "ready": True, "restartCount": 0,
                                               "image": "podterm/local", "imageID": "",
                                               "started": True,
                                               "state": {"running": {}}}
-                                             for c in self.containers]},
+                                             for c in names]},
         }
-        return PodInfo(namespace, name, self.containers, self.containers[0], obj)
+        return PodInfo(namespace, name, names, names[0], obj)
 
 
 def _pod_info(obj: Any, namespace: str, name: str) -> PodInfo:
@@ -723,14 +742,17 @@ class KubeApi:
         open_timeout_s: bound on starting a session before the 101 (upstreams
             in :data:`OPEN_BEFORE_UPGRADE`); the gateway passes its handshake
             timeout.  Past it kubectl gets 504 ``Timeout``.
+        agents: the agent upstream: a pod whose agent it knows runs there
+            (see "The pods of agents").  None: never.
     """
 
     __slots__ = ("registry", "counters", "backend", "upstream", "ws_limits", "open_timeout_s",
-                 "refusals")
+                 "refusals", "agents")
 
     def __init__(self, registry: SessionRegistry, counters: GatewayCounters, *,
                  backend: KubeBackend | None = None, upstream: str | None = None,
-                 ws_limits: WsLimits | None = None, open_timeout_s: float = 10.0) -> None:
+                 ws_limits: WsLimits | None = None, open_timeout_s: float = 10.0,
+                 agents: AgentUpstream | None = None) -> None:
         if not open_timeout_s > 0:
             raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
         self.registry = registry
@@ -741,6 +763,7 @@ class KubeApi:
         self.open_timeout_s = open_timeout_s
         #: The upstream's refusals of recent upgrades, for kubectl's SPDY retry.
         self.refusals = RefusalMemory()
+        self.agents = agents
 
     def __repr__(self) -> str:
         return f"<KubeApi {self.backend!r} upstream={self.upstream or 'default'}>"
@@ -785,11 +808,38 @@ class KubeApi:
         """Anything else under /api or /apis."""
         raise _page_not_found()
 
+    def _agent_of(self, namespace: str, name: str) -> AgentInfo | None:
+        """The agent this gateway holds for the pod (connected or briefly away), or None."""
+        agents = self.agents
+        if agents is None:
+            return None
+        try:
+            pod = PodIdentity(namespace, name)
+        except ValueError:
+            return None
+        if not agents.knows(pod):
+            return None
+        for info, _ in agents.tunnel_states():
+            if info.pod == pod:
+                return info
+        return None
+
+    def _upstream_for(self, namespace: str, name: str) -> str | None:
+        """The upstream kind a pod's exec/attach runs on (None: the registry's default)."""
+        if self._agent_of(namespace, name) is not None:
+            return "agent"
+        return self.upstream
+
     async def _get_pod(self, call: Call) -> PodInfo:
         request = call.request
         assert request.identity is not None  # the router authenticated
         namespace, name = call.params["namespace"], call.params["pod"]
-        info = await self.backend.get_pod(namespace, name, request.identity)
+        agent = self._agent_of(namespace, name)
+        backend = self.backend
+        if agent is not None and isinstance(backend, LocalBackend):
+            info = backend.synthesize(namespace, name, agent.containers, upstream="agent")
+        else:
+            info = await backend.get_pod(namespace, name, request.identity)
         if info is None:
             raise _not_found(namespace, name)
         return info
@@ -827,7 +877,8 @@ class KubeApi:
             got = ", ".join(offered) or "none"
             raise _bad_request(f"no supported WebSocket subprotocol offered (got: {got}); "
                                f"podterm speaks {', '.join(SUBPROTOCOLS)}")
-        kind = self.upstream or self.registry.default_upstream
+        upstream = self._upstream_for(info.namespace, info.name)
+        kind = upstream or self.registry.default_upstream
         opens_first = kind in OPEN_BEFORE_UPGRADE
         spec = StreamSpec(command=options.command or None, tty=options.tty,
                           namespace=info.namespace, pod=info.name, container=container)
@@ -837,7 +888,8 @@ class KubeApi:
             spec = replace(spec, cols=0, rows=0)
         session: Session | None = None
         if opens_first:
-            session = await self._open_before_upgrade(identity, spec, options, request.target)
+            session = await self._open_before_upgrade(identity, spec, options, request.target,
+                                                      upstream)
         limits = self.registry.limits
         try:
             ws = await accept_on(call.stream, call.conn, upgrade, chosen,
@@ -850,10 +902,12 @@ class KubeApi:
             if session is not None:
                 session.kill("shutdown" if self.registry.draining else "internal_error")
             raise
-        return Upgraded(functools.partial(self._serve, ws, identity, spec, options, session))
+        return Upgraded(functools.partial(self._serve, ws, identity, spec, options, session,
+                                          upstream))
 
     async def _open_before_upgrade(self, identity: Identity, spec: StreamSpec,
-                                   options: ExecOptions, target: str) -> Session:
+                                   options: ExecOptions, target: str,
+                                   upstream: str | None) -> Session:
         """Start the session while kubectl still waits for its 101.
 
         So a refusal of the upstream (the apiserver's 403 for an impersonated
@@ -871,7 +925,7 @@ class KubeApi:
         refusal: KubeStatusError | None = None
         with trio.move_on_after(self.open_timeout_s):
             try:
-                return await self.registry.create(identity, spec, self.upstream)
+                return await self.registry.create(identity, spec, upstream)
             except PodtermError as exc:
                 refusal = KubeStatusError.of(exc)
         if refusal is None:  # the deadline passed
@@ -886,7 +940,8 @@ class KubeApi:
         raise refusal.copy()
 
     async def _serve(self, ws: WebSocketStream, identity: Identity, spec: StreamSpec,
-                     options: ExecOptions, session: Session | None) -> None:
+                     options: ExecOptions, session: Session | None,
+                     upstream: str | None) -> None:
         """Start the session (unless it was, before the 101), then relay; the stream is
         closed before this returns."""
         assert ws.subprotocol is not None
@@ -895,7 +950,7 @@ class KubeApi:
             await self._relay(ws, identity, spec, options, channel, session)
             return
         try:
-            session = await self.registry.create(identity, spec, self.upstream)
+            session = await self.registry.create(identity, spec, upstream)
         except PodtermError as exc:
             log.info("kubeapi.exec.failed %s/%s: %s", spec.namespace, spec.pod, exc.message)
             reason = getattr(exc, "reason_name", "") or "InternalError"

@@ -13,7 +13,19 @@ authenticated and before it is authorized):
   looked up in the store; when its record names another holder (and is not
   closed) the request goes there;
 * ``POST /api/v1/sessions`` for the agent upstream: when the store's live
-  lease for the target pod names another holder, the create goes there.
+  lease for the target pod names another holder, the create goes there;
+* kubectl's ``/api/v1/namespaces/{ns}/pods/{pod}`` and its ``exec`` and
+  ``attach``: when the pod's agent is not connected here and the store's
+  live lease for it names another holder, the request goes there (the
+  holder runs it on the agent upstream, gateway/kubeapi.py).
+
+A session record that names *this* peer as holder but is not live here (the
+process restarted at the same address, and the session's agent has not come
+back yet) is answered ``503 unavailable`` "being recovered; retry" for an
+agent session, until it is adopted (here or by another peer) or the session
+grace period (:attr:`Peers.recovery_grace_s`) has passed since the record
+was last written or this process started, whichever is later; the
+coordinator's awaited sessions (``SessionRegistry.expect``) answer the same.
 
 Anything else is served locally.  Other code calls :meth:`Peers.forward`
 itself for its own cases.
@@ -372,7 +384,11 @@ class Peers:
         draining: whether this gateway drains (then nothing new is forwarded).
         worker: set when this process is one of ``--workers N``.
         clock: wall-clock seconds (the signed time; tests inject one).
+        recovery_grace_s: how long a session record naming this peer, not
+            live here, answers 503 "being recovered" (the session grace period).
 
+    :attr:`agent_here` says whether a pod's agent is connected to this process
+    (the gateway sets it to its agent upstream's ``is_connected``).
     :attr:`address` is set once the listeners are bound (``Gateway._serve``);
     :attr:`local_families` once the gateway's metrics exist.
     """
@@ -382,7 +398,8 @@ class Peers:
                  auditor: Auditor | None = None,
                  draining: Callable[[], bool] = lambda: False,
                  worker: WorkerRole | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 recovery_grace_s: float = 600.0) -> None:
         self.registry = registry
         self.store = store
         self.secret = secret
@@ -391,6 +408,10 @@ class Peers:
         self.draining = draining
         self.worker = worker
         self.clock = clock
+        self.recovery_grace_s = recovery_grace_s
+        self._started_at = clock()
+        #: Whether a pod's agent is connected to this process (then it is served here).
+        self.agent_here: Callable[[PodIdentity], bool] = lambda pod: False
         #: This process's peer address (``host:port``); "" until bound.
         self.address = ""
         #: The gateway's own metric families (for a peer's metrics fetch).
@@ -499,6 +520,9 @@ class Peers:
             return await self._route_session(call, session_id)
         if request.method == "POST" and request.path.rstrip("/") == "/api/v1/sessions":
             return await self._route_create(call)
+        namespace, pod = call.params.get("namespace"), call.params.get("pod")
+        if namespace is not None and pod is not None and request.path.startswith("/api/v1/"):
+            return await self._route_pod(call, namespace, pod)
         return None
 
     async def _route_session(self, call: Call, session_id: str) -> Response | Upgraded | None:
@@ -514,10 +538,37 @@ class Peers:
         except StoreError as exc:
             log.warning("peer.lookup.failed %s: %s", session_id, exc)
             raise Unavailable("session store unavailable; retry") from exc
-        if (record is None or not record.holder or record.holder == self.address
-                or record.state == "closed"):
+        if record is None or not record.holder or record.state == "closed":
+            return None
+        if record.holder == self.address:
+            # Ours, not live, not ended here: a session of this address's
+            # previous run whose agent has not come back (yet).  A 404 would end
+            # the client's resume loop; the agent may still bring it back here
+            # or to a peer (docs/ha.md, "Adoption").
+            since = max(record.updated_at, self._started_at)
+            if (record.upstream_kind == "agent"
+                    and self.clock() - since < self.recovery_grace_s):
+                raise Unavailable(f"session {session_id} is being recovered; retry")
             return None
         return await self.forward(call, record.holder)
+
+    async def _route_pod(self, call: Call, namespace: str,
+                         pod_name: str) -> Response | Upgraded | None:
+        """kubectl's pod GET, exec and attach: to the holder of the pod's agent, if another."""
+        try:
+            pod = PodIdentity(namespace, pod_name)
+        except ValueError:
+            return None  # the local handler answers
+        if self.agent_here(pod):
+            return None
+        try:
+            lease = await self.store.lookup_agent(pod)
+        except StoreError as exc:
+            log.warning("peer.lookup.failed %s: %s", pod, exc)
+            raise Unavailable("session store unavailable; retry") from exc
+        if lease is None or lease.holder == self.address:
+            return None
+        return await self.forward(call, lease.holder)
 
     async def _route_create(self, call: Call) -> Response | Upgraded | None:
         registry = self.registry

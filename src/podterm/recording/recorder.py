@@ -58,8 +58,10 @@ class CastRecord(NamedTuple):
     """One entry of the recording buffer (what the writer thread receives).
 
     ``kind`` is ``"h"`` (header: start the file), ``"o"``, ``"i"``, ``"r"``
-    (data ``b"COLSxROWS"``) or ``"c"`` (close the file); ``t`` is seconds
-    since the recording started.
+    (data ``b"COLSxROWS"``), ``"m"`` (a marker: data is its UTF-8 label) or
+    ``"c"`` (close the file); ``t`` is seconds since the recording started.
+    ``session_id`` names the file: the session's id, or ``<id>.partN`` for
+    the continuation of a session adopted by another gateway.
     """
 
     session_id: str
@@ -238,6 +240,16 @@ class Recorder:
             await trio.lowlevel.checkpoint()
             return
         await self._submit(CastRecord(self.session_id, "i", self._now(), bytes(data)))
+
+    async def marker(self, label: str) -> None:
+        """Record an asciicast marker (``"m"``) event, e.g. where a continuation resumes.
+
+        Raises:
+            RecordingFailed, trio.ClosedResourceError: as :meth:`output`.
+        """
+        self._check()
+        await self._submit(CastRecord(self.session_id, "m", self._now(),
+                                      label.encode("utf-8")))
 
     def resize(self, cols: int, rows: int) -> None:
         """Record a size change; never blocks (see the module docstring)."""

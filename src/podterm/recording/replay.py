@@ -12,6 +12,16 @@ Timing: every event has a deadline ``start + playback_time`` and the player
 sleeps until it with ``trio.sleep_until``, so slow writes never accumulate
 drift; events already due are written together, in one write.
 
+A session adopted by another gateway (its gateway died; docs/ha.md) is
+recorded in parts: ``<id>.cast``, then ``<id>.part2.cast``, ``<id>.part3.cast``
+... (:func:`~podterm.recording.writer.recording_parts`).  Given ``<id>.cast``,
+``podterm replay`` plays it and then every part found next to it, in order,
+each from its own start.  A part begins with a marker naming the output
+offset it continues at (``podterm: continued at output offset N``); output
+the previous part already showed beyond N (the dead gateway recorded what it
+had read, the adopting one resumes at what the client had acknowledged) is
+skipped, so every byte plays once.  Given a part, it plays that part alone.
+
 The file is read in 1 MiB chunks and parsed line by line, so an hours-long
 recording plays in constant memory.  A last line cut short by a crash is
 skipped; any other malformed line stops playback with its line number.
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
@@ -28,8 +39,9 @@ import trio
 
 from podterm.config import ReplayOptions
 from podterm.recording.asciicast import CastFormatError, Event, Header, parse_event, parse_header
+from podterm.recording.writer import recording_parts
 
-__all__ = ["main", "play"]
+__all__ = ["main", "play", "play_parts"]
 
 _CHUNK = 1024 * 1024
 
@@ -54,7 +66,7 @@ async def _lines(path: str | os.PathLike[str]) -> AsyncGenerator[bytes, None]:
 
 async def play(path: str | os.PathLike[str], *, speed: float = 1.0,
                idle_limit_s: float | None = None,
-               write: Callable[[bytes], Awaitable[None]]) -> Header:
+               write: Callable[[bytes], Awaitable[None]], skip_output_bytes: int = 0) -> Header:
     """Play a recording: ``await write(bytes)`` each due run of output at its time.
 
     Args:
@@ -63,6 +75,8 @@ async def play(path: str | os.PathLike[str], *, speed: float = 1.0,
         idle_limit_s: cap on any pause, in recorded seconds; None = the file's
             ``idle_time_limit``, or no cap.
         write: writes output to the terminal (tests pass a collector).
+        skip_output_bytes: leave out the first this many bytes of output
+            (UTF-8), already shown by the previous part.
 
     Returns:
         The file's header.
@@ -84,9 +98,10 @@ async def play(path: str | os.PathLike[str], *, speed: float = 1.0,
         playback = 0.0  # seconds of playback so far
         previous = 0.0  # recorded time of the previous event
         due: list[bytes] = []  # output whose deadline has passed, not yet written
+        skip = skip_output_bytes
 
         async def handle(event: Event) -> None:
-            nonlocal playback, previous
+            nonlocal playback, previous, skip
             gap = event.time - previous
             previous = event.time
             if idle is not None:
@@ -100,7 +115,11 @@ async def play(path: str | os.PathLike[str], *, speed: float = 1.0,
                     await write(b"".join(due))
                     due.clear()
                 await trio.sleep_until(deadline)
-            due.append(event.data.encode("utf-8"))
+            data = event.data.encode("utf-8")
+            if skip:
+                data, skip = data[skip:], max(0, skip - len(data))
+            if data:
+                due.append(data)
 
         # A line is parsed once the next one has arrived: only the very last
         # line may be the partial write of a crash.
@@ -126,6 +145,61 @@ async def play(path: str | os.PathLike[str], *, speed: float = 1.0,
         await lines.aclose()
 
 
+async def play_parts(path: str | os.PathLike[str], *, speed: float = 1.0,
+                     idle_limit_s: float | None = None,
+                     write: Callable[[bytes], Awaitable[None]]) -> list[Header]:
+    """:func:`play` ``path`` and then each continuation part next to it, in order.
+
+    Returns:
+        The header of every file played, in order.
+
+    Raises:
+        CastFormatError, OSError: as :func:`play`, for any of the files (the
+            message names the file when it is not the first).
+    """
+    headers = []
+    end = 0  # the output offset the parts played so far reach
+
+    async def counted(data: bytes) -> None:
+        nonlocal end
+        end += len(data)
+        await write(data)
+
+    for index, part in enumerate(recording_parts(path)):
+        try:
+            skip = 0
+            if index:
+                start = await _continued_at(part)
+                if start is not None:
+                    skip = max(0, end - start)
+                    end = max(end, start)  # a gap: the missing bytes were never recorded
+            headers.append(await play(part, speed=speed, idle_limit_s=idle_limit_s,
+                                      write=counted, skip_output_bytes=skip))
+        except CastFormatError as exc:
+            if index == 0:
+                raise
+            raise CastFormatError(f"{part}: {exc}") from exc
+    return headers
+
+
+_CONTINUED = re.compile(r"podterm: continued at output offset (\d+)")
+
+
+async def _continued_at(path: str | os.PathLike[str]) -> int | None:
+    """The output offset a continuation part starts at (its first event, a marker)."""
+    lines = _lines(path)
+    try:
+        header = await anext(lines, None)
+        first = await anext(lines, None)
+    finally:
+        await lines.aclose()
+    if header is None or first is None:
+        return None
+    event = parse_event(first, 2, 0.0)
+    match = _CONTINUED.match(event.data) if event.code == "m" else None
+    return int(match.group(1)) if match else None
+
+
 def _write_stdout(data: bytes) -> None:
     out = sys.stdout.buffer
     out.write(data)
@@ -144,8 +218,8 @@ def main(options: ReplayOptions) -> int:
     that the CLI reports.
     """
     try:
-        trio.run(lambda: play(options.file, speed=options.speed,
-                              idle_limit_s=options.idle_limit_s, write=_to_stdout))
+        trio.run(lambda: play_parts(options.file, speed=options.speed,
+                                    idle_limit_s=options.idle_limit_s, write=_to_stdout))
     except CastFormatError as exc:
         print(f"podterm replay: {options.file}: {exc}", file=sys.stderr)
         return 1

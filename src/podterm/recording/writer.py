@@ -33,6 +33,12 @@ sessions' files are unaffected.  A failure is never silent: it is logged,
 counted, and reported to the session, which writes a ``recording.failure``
 audit event.
 
+Parts: a session another gateway adopted (its gateway died, docs/ha.md) is
+recorded on in ``<dir>/<id>.partN.cast`` (N >= 2, the lowest free here; see
+:meth:`RecordingWriter.open_continuation`), which starts with a marker naming
+the output offset it continues at.  :func:`recording_parts` lists a
+recording's parts in order, for ``podterm replay``.
+
 Files are created ``0600`` with ``O_EXCL``: a recording is never appended to
 another session's file, and holds what was typed at the terminal.
 """
@@ -63,7 +69,7 @@ from podterm.recording.asciicast import Header, encode_event
 from podterm.recording.recorder import CastRecord, Recorder, record_weight
 
 __all__ = ["CastLines", "RecordingWriter", "RecordingWriterStatistics", "cast_path",
-           "escape_json_utf8"]
+           "escape_json_utf8", "part_key", "recording_parts", "split_part"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,55 @@ def cast_path(directory: str | os.PathLike[str], session_id: str) -> Path:
     if not _SESSION_ID.fullmatch(session_id):
         raise ValueError(f"session id {session_id!r} cannot name a recording file")
     return Path(directory) / f"{session_id}.cast"
+
+
+#: ``<id>.part<N>.cast``: part N (N >= 2) of a session's recording, written by
+#: the gateway that adopted the session (docs/ha.md, "Recordings of adopted sessions").
+_PART = re.compile(r"(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)\.part(?P<n>[1-9][0-9]{0,5})")
+
+
+def part_key(session_id: str, part: int) -> str:
+    """The recording key (file stem) of part ``part`` of ``session_id``'s recording.
+
+    Part 1 is the session's own ``<id>.cast``; a continuation is ``<id>.partN``.
+    """
+    if part < 1:
+        raise ValueError(f"recording part {part} must be at least 1")
+    return session_id if part == 1 else f"{session_id}.part{part}"
+
+
+def split_part(stem: str) -> tuple[str, int]:
+    """``("<id>", N)`` for a recording file stem (``<id>`` is part 1)."""
+    match = _PART.fullmatch(stem)
+    if match is None:
+        return stem, 1
+    return match.group("id"), int(match.group("n"))
+
+
+def recording_parts(first: str | os.PathLike[str]) -> list[Path]:
+    """``first`` (``<dir>/<id>.cast``) and the continuation parts next to it, in order.
+
+    The parts are the ``<id>.partN.cast`` files of the same directory, by N;
+    a part file given as ``first`` is returned alone (play from there on by
+    naming the parts yourself).
+    """
+    path = Path(first)
+    stem = path.name[:-len(".cast")] if path.name.endswith(".cast") else None
+    if stem is None or split_part(stem)[1] != 1:
+        return [path]
+    found: list[tuple[int, Path]] = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return [path]
+    for entry in entries:
+        name = entry.name
+        if not name.endswith(".cast"):
+            continue
+        sid, n = split_part(name[:-len(".cast")])
+        if sid == stem and n > 1:
+            found.append((n, entry))
+    return [path, *(p for _, p in sorted(found))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +302,10 @@ class CastLines:
         if text:
             out.append(encode_event(self._at(t), "i", text))
 
+    def marker(self, t: float, label: str) -> bytes:
+        """An ``"m"`` (marker) line."""
+        return encode_event(self._at(t), "m", label)
+
     def resize(self, t: float, cols: int, rows: int) -> bytes:
         """An ``"r"`` line."""
         if cols < 1 or rows < 1:
@@ -374,6 +433,8 @@ class _Files:
                 f.encoder.output(rec.t, rec.data, f.pending)
             elif kind == "i":
                 f.encoder.input(rec.t, rec.data, f.pending)
+            elif kind == "m":
+                f.pending.append(f.encoder.marker(rec.t, rec.data.decode("utf-8", "replace")))
             elif kind == "r":
                 cols, _, rows = rec.data.partition(b"x")
                 f.pending.append(f.encoder.resize(rec.t, int(cols), int(rows)))
@@ -564,6 +625,46 @@ class RecordingWriter:
             await self._batcher.submit(header)
         except BaseException:
             del self._recorders[session_id]
+            raise
+        return recorder
+
+    async def open_continuation(self, session_id: str, cols: int, rows: int, *,
+                                resumed_at: int, note: str = "",
+                                env: Mapping[str, str] | None = None, title: str | None = None,
+                                command: str | None = None) -> Recorder:
+        """Record a session adopted from another gateway: a new part of its recording.
+
+        The part is ``<id>.partN.cast`` with the lowest N >= 2 that names no
+        file in the directory and no recording of this writer (the first
+        part, ``<id>.cast``, may be here, in a shared directory, or on the
+        dead gateway's own disk).  It starts with a header and a marker event
+        at time 0: ``podterm: continued at output offset OFFSET`` (and
+        ``note``); its output events hold the session's output from that
+        offset on.
+
+        Raises:
+            ValueError: the session id cannot name a file, or no part number is free.
+            trio.ClosedResourceError: the writer has stopped.
+        """
+        cast_path(self.directory, session_id)  # ValueError for an id that cannot name a file
+        taken = set(self._recorders)
+
+        def free_part() -> int:
+            for n in range(2, 1_000_000):
+                key = part_key(session_id, n)
+                if key not in taken and not cast_path(self.directory, key).exists():
+                    return n
+            raise ValueError(f"session {session_id!r}: no free recording part number")
+
+        part = await trio.to_thread.run_sync(free_part)
+        recorder = await self.open_recorder(part_key(session_id, part), cols, rows, env=env,
+                                            title=title, command=command)
+        label = f"podterm: continued at output offset {resumed_at}"
+        try:
+            await recorder.marker(f"{label} ({note})" if note else label)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await recorder.aclose()
             raise
         return recorder
 

@@ -85,6 +85,11 @@ class RegistryHooks(SessionObserver, Protocol):
                       exc: PodtermError) -> None:
         """A create failed (capacity, rate limit, audit writer, upstream)."""
 
+    async def adopting(self, session: Session, record: SessionRecord, *, previous_holder: str,
+                       out_offset: int, in_offset: int, agent_out_offset: int) -> None:
+        """An adopted session exists and has not run (its recording's next part,
+        ``session.adopt``); raising gives the adoption up."""
+
 
 @dataclass(frozen=True, slots=True)
 class RegistryStatistics:
@@ -360,7 +365,8 @@ class SessionRegistry:
         self._adopting.discard(session_id)
 
     async def adopt(self, record: SessionRecord, spec: StreamSpec, stream: UpstreamStream, *,
-                    out_offset: int, in_offset: int, catch_up_to: int) -> Session:
+                    out_offset: int, in_offset: int, catch_up_to: int,
+                    previous_holder: str = "") -> Session:
         """Re-create a session another gateway ran, on ``stream`` (its upstream, taken over).
 
         ``record`` is the session's record as claimed (holder: this gateway;
@@ -369,11 +375,14 @@ class SessionRegistry:
         ``out_offset`` and its input at ``in_offset`` (see
         :meth:`Session.resume_at`).  It runs at once; it becomes attachable
         once it caught up (bounded by :attr:`catch_up_timeout_s`).  Not
-        refused for capacity: refusing would kill a running shell.
+        refused for capacity: refusing would kill a running shell.  The hooks
+        hear of it first (:meth:`RegistryHooks.adopting`: the next part of
+        its recording, ``session.adopt`` naming ``previous_holder``).
 
         Raises:
             Unavailable: draining, or the registry is not running (the caller
                 closes ``stream``).
+            Exception: what the hooks raised (the recording could not start).
         """
         nursery = self._nursery
         if nursery is None or self._draining:
@@ -388,6 +397,19 @@ class SessionRegistry:
         session.resume_at(out_offset=out_offset, in_offset=in_offset,
                           token_hash=record.resume_token_hash, catch_up_to=catch_up_to)
         self._adopting.add(record.id)
+        if self.hooks is not None:
+            try:
+                await self.hooks.adopting(session, record, previous_holder=previous_holder,
+                                          out_offset=out_offset, in_offset=in_offset,
+                                          agent_out_offset=catch_up_to)
+            except BaseException:
+                self._adopting.discard(record.id)
+                raise
+            if self._nursery is None or self._draining or record.id in self._sessions:
+                self._adopting.discard(record.id)
+                await self.hooks.abandoned(session)  # its recording part ends empty
+                raise Unavailable("the gateway is draining; the agent will reconnect elsewhere")
+            nursery = self._nursery
         if len(self._sessions) >= self.max_sessions:
             log.warning("session.adopt %s: over max_sessions (%d); taken anyway, a running "
                         "shell is never refused", record.id, self.max_sessions)

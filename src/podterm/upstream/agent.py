@@ -277,6 +277,7 @@ class StreamClaim:
         catch_up_to: the output the agent had produced (its ``out_offset``).
         spec: what the stream runs (target, command, tty, size).
         record: the session's record as claimed (holder = us, its new version).
+        previous_holder: the holder the record named before the claim ("" if none).
     """
 
     stream_id: int
@@ -285,6 +286,7 @@ class StreamClaim:
     catch_up_to: int
     spec: StreamSpec
     record: SessionRecord
+    previous_holder: str = ""
 
 
 @dataclass(frozen=True, slots=True)
