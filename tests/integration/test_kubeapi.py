@@ -25,8 +25,10 @@ import pytest
 import trio
 import yaml
 from tests.helpers.fake_apiserver import FakeApiServer, FakeContainer, FakePod, FakeUser
+from tests.helpers.http import exchange
 from tests.helpers.kubectl import write_kubeconfig
 
+from podterm.audit import MemorySink
 from podterm.client.kubeconfig import main as kubeconfig_main
 from podterm.client.kubeconfig import render_kubeconfig
 from podterm.config import (
@@ -842,3 +844,25 @@ async def test_a_refusal_that_is_not_a_kube_status_keeps_its_code_and_headers() 
         429, "TooManyRequests", "slow down", [("Retry-After", "3")])
     with pytest.raises(ValueError):
         RefusalMemory(ttl_s=0)
+
+
+async def test_the_exec_upgrade_answer_carries_the_request_id_of_its_audit_events(
+        make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{ADMIN},alice,u-alice,"podterm:admins"\n')
+    memory = MemorySink()
+    gw = await make_gateway(auth=AuthConfig(token_file=str(tokens)),
+                            options={"audit_sink": memory})
+    headers = [("Host", f"127.0.0.1:{gw.port}"), ("Authorization", f"Bearer {ADMIN}"),
+               ("Connection", "Upgrade"), ("Upgrade", "websocket"),
+               ("Sec-WebSocket-Version", "13"),
+               ("Sec-WebSocket-Key", base64.b64encode(b"0123456789abcdef").decode()),
+               ("Sec-WebSocket-Protocol", V5)]
+    with trio.fail_after(WAIT_S):
+        async with await trio.open_tcp_stream("127.0.0.1", gw.port) as stream:
+            answer = await exchange(stream, "GET", exec_path(["true"], stdout=True),
+                                    headers=headers)
+            assert answer.status == 101
+        created = await memory.wait_for("session.create")
+    request_id = answer.headers.get("x-request-id")
+    assert request_id and created[0].request_id == request_id

@@ -892,7 +892,9 @@ class KubeApi:
                                                       upstream)
         limits = self.registry.limits
         try:
-            ws = await accept_on(call.stream, call.conn, upgrade, chosen,
+            # The request id ties kubectl's exec to its audit events (docs/audit.md).
+            headers = [("X-Request-Id", request.request_id)] if request.request_id else []
+            ws = await accept_on(call.stream, call.conn, upgrade, chosen, extra_headers=headers,
                                  limits=self.ws_limits, close_timeout_s=limits.close_timeout_s)
         except HandshakeError:
             if session is not None:
