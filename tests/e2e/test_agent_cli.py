@@ -9,12 +9,9 @@ team-a/web-1 -- ...``).  Readiness is told by each server's ``--ready-file``.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers.procs import stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -52,20 +51,6 @@ class Process:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _wait_ready(process: Process, ready: Path, what: str) -> dict[str, Any]:
-    """Poll ``ready`` (another process writes it) under a deadline; fail early if it died."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.proc.poll() is not None:
-            pytest.fail(f"{what} exited with {process.proc.returncode} before it was ready:\n"
-                        f"{process.text()}", pytrace=False)
-        try:
-            return json.loads(ready.read_text())  # type: ignore[no-any-return]
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.02)
-    pytest.fail(f"{what} not ready within {READY_TIMEOUT_S}s:\n{process.text()}", pytrace=False)
-
-
 @contextmanager
 def _started(args: list[str], log: Path, env: dict[str, str]) -> Iterator[Process]:
     with log.open("wb") as out:
@@ -75,13 +60,7 @@ def _started(args: list[str], log: Path, env: dict[str, str]) -> Iterator[Proces
     try:
         yield process
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, 15)
 
 
 @dataclass(frozen=True)
@@ -104,17 +83,17 @@ def _deployment(tmp_path: Path, *agent_args: str) -> Iterator[Deployment]:
     with _started(["serve", "--listen", "127.0.0.1:0", "--token-file", str(tokens),
                    "--ready-file", str(gw_ready), "--log-format", "text"],
                   tmp_path / "gateway.log", _env()) as gateway:
-        url = _wait_ready(gateway, gw_ready, "podterm serve")["url"].rstrip("/")
+        url = wait_ready(gateway.proc, gw_ready, gateway.log, READY_TIMEOUT_S)["url"].rstrip("/")
         # The Downward API's variables name the pod, as in a real sidecar.
         with _started(["agent", "--gateway", url, "--token-file", str(agent_token),
                        "--ready-file", str(agent_ready), *agent_args],
                       tmp_path / "agent.log",
                       _env(POD_NAMESPACE=NS, POD_NAME=POD)) as agent:
-            info = _wait_ready(agent, agent_ready, "podterm agent")
+            info = wait_ready(agent.proc, agent_ready, agent.log, READY_TIMEOUT_S,
+                              what="podterm agent")
             yield Deployment(url, gateway, agent, info)
             # A clean stop: SIGTERM ends the agent with status 0.
-            agent.proc.send_signal(signal.SIGTERM)
-            assert agent.proc.wait(timeout=15) == 0, agent.text()
+            assert stop(agent.proc, 15) == 0, agent.text()
 
 
 def _podterm_exec(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:

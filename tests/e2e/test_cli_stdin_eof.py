@@ -10,16 +10,15 @@ commands never finished: the CLI stopped reading its stdin and the remote
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.procs import stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -50,31 +49,13 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             cwd=ROOT, env=_env(where), stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        info = None
-        # The ready file is the only readiness signal another process gets:
-        # poll it under a deadline, and stop early if the gateway died.
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while info is None:
-            if proc.poll() is not None:
-                pytest.fail(f"podterm serve exited with {proc.returncode}:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail("podterm serve did not write its ready file", pytrace=False)
-            try:
-                info = json.loads(ready.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.02)
+        info = wait_ready(proc, ready, log, READY_TIMEOUT_S)
         env = _env(where)
         env["PODTERM_SERVER"] = info["url"]
         env["PODTERM_TOKEN"] = info["token"]
         yield env
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, 15)
 
 
 def _podterm(env: dict[str, str], *args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:

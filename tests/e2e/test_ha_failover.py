@@ -26,7 +26,6 @@ by the shell once, no gap, and the same PID at both ends.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -49,6 +48,7 @@ from podterm.errors import PodtermError
 from podterm.resilience.backoff import Backoff
 from podterm.store import open_store
 from podterm.store.base import PodIdentity, SessionStore, StoreError, running
+from tests.helpers.procs import astop, await_ready
 from tests.helpers.proxylb import ProxyLB, open_proxy_lb
 from tests.helpers.redis_server import RedisServer, redis_server_available
 
@@ -115,32 +115,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, bounded; then SIGKILL.  Never leaves the process behind."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15, shield=True):
-            while proc.poll() is None:
-                await trio.sleep(0.02)
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=5)
-
-
-async def _wait_ready_file(proc: subprocess.Popen[bytes], ready: Path, log: Path,
-                           what: str) -> dict[str, Any]:
-    """Poll ``ready`` (another process writes it) under a deadline; fail if it died."""
-    with trio.fail_after(READY_TIMEOUT_S):
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{what} exited with {proc.returncode} before it was ready:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            try:
-                return json.loads(ready.read_text())  # type: ignore[no-any-return]
-            except (FileNotFoundError, json.JSONDecodeError):
-                await trio.sleep(0.02)
-
-
 @dataclass
 class GatewaySlot:
     """One ``podterm serve`` on a fixed port: started, killed (-9) and started again."""
@@ -173,7 +147,8 @@ class GatewaySlot:
                 cwd=ROOT, env=_env(PODTERM_HEARTBEAT_INTERVAL="1s"),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         self.pids.append(self.proc.pid)
-        await _wait_ready_file(self.proc, ready, self.log, f"gateway {self.index}")
+        await await_ready(self.proc, ready, self.log, READY_TIMEOUT_S,
+                          what=f"gateway {self.index}")
 
     def kill9(self) -> None:
         """``kill -9``: no drain, no goodbye; its sockets die with it."""
@@ -183,7 +158,7 @@ class GatewaySlot:
 
     async def stop(self) -> None:
         if self.proc is not None:
-            await _stop(self.proc)
+            await astop(self.proc, 15)
 
 
 @dataclass
@@ -249,7 +224,8 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                      "--ready-file", str(agent_ready), "--log-format", "text"],
                     cwd=ROOT, env=_env(POD_NAMESPACE=NS, POD_NAME=POD),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            await _wait_ready_file(agent, agent_ready, agent_log, "podterm agent")
+            await await_ready(agent, agent_ready, agent_log, READY_TIMEOUT_S,
+                              what="podterm agent")
             cluster = Cluster(redis, store, gateways, lb, agent, agent_log)
             with trio.fail_after(STEP_S):
                 while await store.lookup_agent(TARGET) is None:
@@ -261,7 +237,7 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 raise
     finally:
         if agent is not None:
-            await _stop(agent)
+            await astop(agent, 15)
         for slot in gateways:
             await slot.stop()
         await redis.astop()

@@ -19,14 +19,11 @@ deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from tests.helpers.kubectl import (
     KubectlResult,
     kubectl_binary,
 )
+from tests.helpers.procs import stop, wait_ready
 from tests.helpers.tmux import Tmux, tmux_session
 
 pytestmark = pytest.mark.e2e
@@ -99,31 +97,11 @@ def https_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayP
             cwd=ROOT, env=gateway_env(), stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        # The ready file is the readiness signal of another process: poll it
-        # under a deadline, and stop early if the gateway died.
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        info = None
-        while info is None:
-            if proc.poll() is not None:
-                pytest.fail(f"podterm serve exited with {proc.returncode} before it was ready:"
-                            f"\n{log.read_text(errors='replace')}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"podterm serve not ready within {READY_TIMEOUT_S} s:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            try:
-                info = json.loads(ready.read_text())
-            except (FileNotFoundError, ValueError):
-                time.sleep(0.02)
+        info = wait_ready(proc, ready, log, READY_TIMEOUT_S)
         assert info["url"].startswith("https://127.0.0.1:")
         yield GatewayProcess(info["url"], pki.ca_cert, log, proc.pid, pki.dir)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, 15)
 
 
 def podterm_kubeconfig(gateway: GatewayProcess, token: str, dest: Path) -> None:

@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ from podterm.net.certs import generate_dev_pki
 from tests.helpers.fake_apiserver import ExecLog, FakeApiServer, FakePod, FakeUser
 from tests.helpers.kubectl import SUPPORTED_MINORS, Kubectl, KubectlResult, kubectl_binary
 from tests.helpers.kubectl import write_kubeconfig as write_fake_kubeconfig
+from tests.helpers.procs import stop, wait_ready
 from tests.helpers.tmux import Tmux, tmux_session
 
 pytestmark = pytest.mark.e2e
@@ -144,29 +144,10 @@ def _gateway(workdir: Path, fake: FakeApiServer, args: list[str],
             cwd=ROOT, env={**_env(), **env}, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        # Another process's readiness: poll its ready file under a deadline.
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        info = None
-        while info is None:
-            if proc.poll() is not None:
-                pytest.fail(f"podterm serve exited with {proc.returncode}:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"podterm serve not ready within {READY_TIMEOUT_S} s:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            try:
-                info = json.loads(ready.read_text())
-            except (FileNotFoundError, ValueError):
-                time.sleep(0.02)
+        info = wait_ready(proc, ready, log, READY_TIMEOUT_S)
         yield Chain(info["url"], pki.ca_cert.read_bytes(), log, fake)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, 15)
 
 
 @pytest.fixture(scope="module")

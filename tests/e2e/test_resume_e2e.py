@@ -18,10 +18,8 @@ The seed is printed; rerun with ``PODTERM_E2E_SEED=N`` to reproduce a run.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +34,7 @@ from podterm.client.http import ApiClient
 from podterm.client.resume import LinkStatus, OutputChunk, ResumableSession
 from podterm.resilience.backoff import Backoff
 from tests.helpers.cutproxy import CutProxy, Direction, open_cut_proxy
+from tests.helpers.procs import astop, await_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -81,30 +80,12 @@ async def running_gateway(tmp_path: Path, *extra_args: str) -> AsyncIterator[Gat
             cwd=ROOT, env=gateway_env(), stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        info: dict[str, str] | None = None
-        # The ready file is the gateway's readiness signal to another process:
-        # poll it under a deadline, and stop early if the gateway died.
-        with trio.fail_after(READY_TIMEOUT_S):
-            while info is None:
-                if proc.poll() is not None:
-                    pytest.fail(f"podterm serve exited with {proc.returncode} before it was "
-                                f"ready:\n{log.read_text(errors='replace')}", pytrace=False)
-                try:
-                    info = json.loads(ready.read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    await trio.sleep(0.02)
+        info = await await_ready(proc, ready, log, READY_TIMEOUT_S)
         url = info["url"].rstrip("/")
         host, port = url.split("//", 1)[1].rsplit(":", 1)
         yield GatewayProcess(url, info["token"], host, int(port), log, proc.pid)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15, shield=True):
-                while proc.poll() is None:
-                    await trio.sleep(0.02)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
+        await astop(proc, 15)
 
 
 def seeded_rng() -> tuple[random.Random, int]:

@@ -24,10 +24,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.cutproxy import CutProxyThread
+from tests.helpers.procs import stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -132,31 +131,11 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        info: dict[str, Any] | None = None
-        # The ready file is the gateway's only readiness signal to another
-        # process; poll it (bounded) and stop early if the gateway died.
-        while info is None:
-            if proc.poll() is not None:
-                pytest.fail(f"podterm serve exited with {proc.returncode} before it was ready:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"podterm serve wrote no ready file in {READY_TIMEOUT_S} s:\n"
-                            f"{log.read_text(errors='replace')}", pytrace=False)
-            try:
-                info = json.loads(ready.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.05)
+        info = wait_ready(proc, ready, log, READY_TIMEOUT_S)
         assert info.get("token"), f"ready file has no token: {info}"
         yield Gateway(proc, info["url"], info["token"], log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, 15)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tests.helpers.fake_kubeauth import FakeApi, running_fake_api, write_kubeconfig
+from tests.helpers.procs import astop, await_ready
 
 from podterm.audit import AuditEvent
 
@@ -83,27 +83,10 @@ async def serve_with(tmp_path: Path, config: str) -> AsyncIterator[Served]:
             cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
-        info: dict[str, Any] | None = None
-        with trio.fail_after(WAIT_S):
-            # The ready file is the only signal another process gives: poll it.
-            while info is None:
-                if proc.poll() is not None:
-                    pytest.fail(f"podterm serve exited with {proc.returncode}:\n"
-                                f"{log.read_text(errors='replace')}", pytrace=False)
-                try:
-                    info = json.loads(ready.read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    await trio.sleep(0.02)
+        info = await await_ready(proc, ready, log, WAIT_S)
         yield Served(int(info["url"].rsplit(":", 1)[1]), audit_log, log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10, shield=True):
-                while proc.poll() is None:
-                    await trio.sleep(0.02)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+        await astop(proc, 10)
 
 
 async def request(port: int, method: str, path: str, token: str,

@@ -52,6 +52,7 @@ from tests.helpers.kubectl import (
     KubectlNotFound,
     kubectl_binary,
 )
+from tests.helpers.procs import stop
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TOKEN = "alice-token"
@@ -586,12 +587,14 @@ def test_upgrade_delay_is_applied() -> None:
 
 def test_serve_subprocess(tmp_path: Path) -> None:
     ready_file, log_file = tmp_path / "ready.json", tmp_path / "execs.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.fake_apiserver", "serve", "--port", "0",
-         "--ready-file", str(ready_file), "--log-file", str(log_file),
-         "--token", f"{TOKEN}=alice:devs", "--pod", "web:app"],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True)
+    stderr_file = tmp_path / "stderr.log"
+    with stderr_file.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.fake_apiserver", "serve", "--port", "0",
+             "--ready-file", str(ready_file), "--log-file", str(log_file),
+             "--token", f"{TOKEN}=alice:devs", "--pod", "web:app"],
+            cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            start_new_session=True)
     try:
         assert proc.stdout is not None
         readable, _, _ = select.select([proc.stdout], [], [], 30)
@@ -603,13 +606,8 @@ def test_serve_subprocess(tmp_path: Path) -> None:
         result = kc.run("exec", "web", "--", "echo", "hi")
         assert (result.returncode, result.stdout) == (0, b"hi\n"), result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-    assert proc.returncode == 0, err
+        status = stop(proc, 30, group=True)
+    assert status == 0, stderr_file.read_text(errors="replace")
     (entry,) = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert (entry["container"], entry["stdout"], entry["end"]) == ("app", "hi\n", "exited")
 

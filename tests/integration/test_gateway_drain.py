@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from tests.helpers.procs import astop
 
 from podterm.config import SessionsConfig
 from podterm.protocol.events import Drain
@@ -95,9 +96,5 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
             assert await client.wait_closed() == 1001
             assert any(isinstance(e, Drain) for e in client.events)
             assert await proc.wait() == 0
-            await proc.stdout.aclose()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.move_on_after(5, shield=True):
-                await proc.wait()
+        await astop(proc, 0)  # exited: closes its pipe; after a failure: SIGKILL at once

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from tests.helpers.procs import astop
 
 from podterm.store import SessionRecord, open_store, running
 
@@ -113,17 +114,11 @@ async def supervisor(tmp_path: Path, *flags: str
         ready = json.loads(ready_file.read_text())
         assert ready == {"url": url, "pid": proc.pid, "workers": 2, "token": token}
         yield proc, GatewayUnderTest(None, port=int(url.rsplit(":", 1)[1]), admin_token=token)
-        with trio.fail_after(WAIT_S):
-            proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(DRAIN_S + 5):  # the drain bound, plus the process exits
-                assert await proc.wait() == 0
-            await proc.stdout.aclose()
+        # SIGTERM drains every worker; the drain bound, plus the processes exit.
+        assert await astop(proc, DRAIN_S + 5) == 0
         assert not children(proc.pid)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.move_on_after(5, shield=True):
-                await proc.wait()
+        await astop(proc, 0)  # a no-op once it exited; after a failure: SIGKILL at once
         for pid in children(proc.pid):
             os.kill(pid, signal.SIGKILL)
 
