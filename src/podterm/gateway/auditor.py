@@ -36,6 +36,13 @@ once, or, when the buffer is full, into an ordered spill queue drained by one
 task that waits for room, so nothing is dropped and the order is kept.  Only
 an event raised after the sink has shut down cannot be written; it is logged
 at ERROR with its JSON line and counted (``dropped``), never silently lost.
+
+Audit off
+---------
+With no audit log and no HTTP sink (``open_audit_sink`` returns a fan-out of
+nothing), no event is built at all (:attr:`Auditor.enabled` is False): a
+handshake then pays for no event it would discard.  Any configured sink, a
+fan-out holding one included, turns every event back on.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ import trio
 
 from podterm import __version__
 from podterm.audit.events import AuditEvent, Target, make_event
-from podterm.audit.sinks import AuditSink, SinkStatistics
+from podterm.audit.sinks import AuditSink, FanOutSink, SinkStatistics
 from podterm.auth.identity import Identity
 from podterm.batcher import BatcherStatistics, BufferFull
 from podterm.errors import ConfigError, PodtermError
@@ -173,6 +180,13 @@ def _spec_target(spec: StreamSpec, session_id: str | None = None) -> Target:
                   container=spec.container or None, session=session_id)
 
 
+def _wants_events(sink: AuditSink) -> bool:
+    """False only for a fan-out of nothing (at any depth): audit is off."""
+    if isinstance(sink, FanOutSink):
+        return any(_wants_events(child) for child in sink.sinks)
+    return True
+
+
 def _signal_name(number: int) -> str:
     try:
         return _signal.Signals(number).name
@@ -202,7 +216,7 @@ class Auditor:
 
     def __init__(self, sink: AuditSink, recordings: RecordingWriter | None, *,
                  shell: str = "/bin/sh") -> None:
-        self.sink = sink
+        self.sink = sink  # sets enabled
         self.recordings = recordings
         self.shell = shell
         #: Events that could not be written at all (raised after the sink shut down).
@@ -214,6 +228,17 @@ class Auditor:
         self._nursery: trio.Nursery | None = None
         self._started_emitted = False
         self._ended_by_shutdown = 0  # gateway.stop's "sessions"
+
+    @property
+    def sink(self) -> AuditSink:
+        """Where events go; setting it re-decides :attr:`enabled`."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: AuditSink) -> None:
+        self._sink = sink
+        #: False when no sink takes events (audit off): events are not even built.
+        self.enabled = _wants_events(sink)
 
     def __repr__(self) -> str:
         return (f"<Auditor sink={self.sink.name} recordings="
@@ -327,6 +352,8 @@ class Auditor:
 
         ``context`` defaults to the current request's (:func:`request_context`).
         """
+        if not self.enabled:
+            return
         event = self._make(type_, outcome=outcome, context=context, target=target,
                            details=details)
         while self._spill:  # older events first
@@ -340,12 +367,15 @@ class Auditor:
                     context: RequestContext | None = None, target: Target | None = None,
                     **details: Any) -> None:
         """Build and emit an event without blocking; a full buffer spills it, in order."""
+        if not self.enabled:
+            return
         self._submit_nowait(self._make(type_, outcome=outcome, context=context, target=target,
                                        details=details))
 
     def submit_nowait(self, event: AuditEvent) -> None:
         """Emit an event built elsewhere (e.g. ``policy.reload``) without blocking, in order."""
-        self._submit_nowait(event)
+        if self.enabled:
+            self._submit_nowait(event)
 
     def _submit_nowait(self, event: AuditEvent) -> None:
         if not self._spill:
@@ -394,7 +424,12 @@ class Auditor:
     # ------------------------------------------------------- requests, auth
 
     def enter_request(self, request: _RequestLike) -> RequestContext:
-        """Start a request's context (its id and source address); returns it."""
+        """Start a request's context (its id and source address); returns it.
+
+        Audit off: nothing reads the context, so none is made.
+        """
+        if not self.enabled:
+            return _NO_CONTEXT
         ctx = RequestContext(request_id=getattr(request, "request_id", None) or None,
                              source_addr=source_of(request))
         _CURRENT.set(ctx)
@@ -402,6 +437,8 @@ class Auditor:
 
     async def access_granted(self, request: _RequestLike, *, authorized: bool) -> None:
         """``auth.success`` (and ``authz.allow`` when the route was authorized)."""
+        if not self.enabled:
+            return
         identity = request.identity
         assert identity is not None
         ctx = _CURRENT.get().with_identity(identity)
@@ -420,6 +457,8 @@ class Auditor:
         (``auth.chain.FailureReason``: ``missing_credentials``, ``expired``,
         ...), for rules that match on it.  Never the credential.
         """
+        if not self.enabled:
+            return
         identity = request.identity
         ctx = _CURRENT.get()
         if identity is None:
@@ -623,6 +662,8 @@ class Auditor:
     def attached(self, session: Session, att: Attachment, *, resumed: bool, gap: int) -> None:
         """``session.attach`` (writer), ``session.resume`` (writer with its token after a
         drop) or ``session.join`` (viewer)."""
+        if not self.enabled:
+            return
         offset = att.sent
         if att.mode is Mode.RO:
             self.emit_nowait("session.join", target=self._target(session), mode="ro",
@@ -651,6 +692,8 @@ class Auditor:
 
     def detached(self, session: Session, att: Attachment) -> None:
         """``session.detach``: a client left a session that keeps running."""
+        if not self.enabled:
+            return
         if att.close is not None:
             reason = att.close[1] or f"closed {att.close[0]}"
         else:

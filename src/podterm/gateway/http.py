@@ -30,14 +30,15 @@ other exception is a bug: it is logged with its traceback and answered
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
@@ -54,6 +55,7 @@ __all__ = [
     "Request",
     "Response",
     "Upgraded",
+    "aclose_unless_closed",
     "error_code",
     "error_response",
     "json_response",
@@ -61,6 +63,7 @@ __all__ = [
     "raw_response",
     "send_and_close",
     "serve_http",
+    "serve_listeners",
 ]
 
 log = logging.getLogger(__name__)
@@ -373,6 +376,13 @@ async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, request: Req
                            f"{limits.max_body_bytes}-byte limit", http_status=413)
     if conn.they_are_waiting_for_100_continue:
         await _send(stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+    elif length is None and "transfer-encoding" not in request.headers:
+        # No body (every GET, every upgrade): h11 ends the message without
+        # reading, so no deadline, no scope and no await are needed.
+        if type(conn.next_event()) is not h11.EndOfMessage:  # pragma: no cover - h11 says so
+            raise PodtermError("unexpected HTTP event in a request without a body",
+                               http_status=400)
+        return
     chunks: list[bytes] = []
     total = 0
     never = trio.CancelScope()  # no head deadline for the body: one overall bound
@@ -547,3 +557,79 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
     return None
+
+
+# ------------------------------------------------------------------ accepting
+
+
+def _is_closed(stream: trio.abc.Stream) -> bool:
+    """True when ``stream`` is a plain socket stream whose socket is closed already."""
+    return type(stream) is trio.SocketStream and stream.socket.fileno() == -1
+
+
+async def aclose_unless_closed(stream: trio.abc.Stream) -> None:
+    """:func:`trio.aclose_forcefully`, skipped for a socket stream already closed.
+
+    Closing a closed :class:`trio.SocketStream` does nothing but costs a cancel
+    scope, a checkpoint and a caught ``Cancelled``: on the handshake path,
+    where the WebSocket has closed its stream by the time the connection's
+    handlers unwind, that was two of the three closes per connection.
+    Any other stream (TLS) is closed as before.  Shielded: it completes even
+    in a cancelled scope (and never blocks: the close is forceful).
+    """
+    if not _is_closed(stream):
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+#: trio's own: errors that mean "out of descriptors or memory", not "broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long to wait after such an error before accepting again (trio's 0.1 s).
+_ACCEPT_RETRY_S = 0.100
+
+
+async def _run_handler(stream: trio.abc.Stream,
+                       handler: Callable[[trio.abc.Stream], Awaitable[object]]) -> None:
+    try:
+        await handler(stream)
+    finally:
+        await aclose_unless_closed(stream)
+
+
+async def _serve_one_listener(listener: trio.abc.Listener[Any], handler_nursery: trio.Nursery,
+                              handler: Callable[[trio.abc.Stream], Awaitable[object]]
+                              ) -> NoReturn:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept returned %s (%s); retrying in %s seconds",
+                          errno.errorcode[exc.errno], exc.strerror, _ACCEPT_RETRY_S,
+                          exc_info=True)
+                await trio.sleep(_ACCEPT_RETRY_S)
+            else:
+                handler_nursery.start_soon(_run_handler, stream, handler)
+
+
+async def serve_listeners(handler: Callable[[trio.abc.Stream], Awaitable[object]],
+                          listeners: Sequence[trio.abc.Listener[Any]], *,
+                          handler_nursery: trio.Nursery,
+                          task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]]
+                          = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    """:func:`trio.serve_listeners`, with the same semantics and one close less.
+
+    Every accepted stream is handed to ``handler`` in a task of
+    ``handler_nursery`` and closed when the handler returns, as trio does,
+    except that a socket stream the handler closed already is not closed a
+    second time (:func:`aclose_unless_closed`).  Running out of descriptors
+    or memory is logged and retried after 0.1 s; any other accept error
+    propagates.  Never returns; cancel it to stop accepting.
+    """
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_serve_one_listener, listener, handler_nursery, handler)
+        task_status.started(listeners)
+    raise AssertionError("_serve_one_listener never returns")  # pragma: no cover

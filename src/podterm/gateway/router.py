@@ -271,6 +271,8 @@ class Router:
                        conn: h11.Connection) -> Response | Upgraded:
         """Route one request (the :func:`podterm.gateway.http.serve_http` handler)."""
         auditor = self.auditor
+        if auditor is not None and not auditor.enabled:
+            auditor = None  # audit off: build no event (a configured sink always has them)
         if auditor is not None:
             auditor.enter_request(request)
         allowed: set[str] = set()

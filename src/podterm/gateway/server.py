@@ -9,7 +9,7 @@ The task tree (STYLE.md §2; every task has a parent)::
     │   └── Session.run × N                supervisor + output pump + input pump
     ├── LoopLagProbe.run                   event-loop lag for /metrics
     ├── _watch_signals                     SIGTERM/SIGINT → drain (main thread only)
-    ├── _accept_loop                       trio.serve_listeners; cancelled first on drain
+    ├── _accept_loop                       serve_listeners (http.py); cancelled first on drain
     └── connection nursery                 one task per connection: HTTP, or an
         └── [PROXY header →] serve_http → router → ...
                                            attachment's receiver (+ its sender)
@@ -73,10 +73,12 @@ from podterm.gateway.http import (
     Request,
     Response,
     Upgraded,
+    aclose_unless_closed,
     error_response,
     raw_response,
     send_and_close,
     serve_http,
+    serve_listeners,
 )
 from podterm.gateway.kubeapi import ApiserverBackend, KubeApi, LocalBackend
 from podterm.gateway.peers import (
@@ -614,8 +616,7 @@ class Gateway:
                 try:
                     await upgraded.run()
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await trio.aclose_forcefully(stream)
+                    await aclose_unless_closed(stream)  # shielded
         except Exception:
             # A bug ends only its own connection (STYLE.md §3), never the gateway.
             log.exception("gateway.connection.failed", extra={"peer": str(client),
@@ -839,11 +840,11 @@ class Gateway:
                             async with trio.open_nursery() as acceptors:
                                 if peer_listeners:
                                     acceptors.start_soon(functools.partial(
-                                        trio.serve_listeners,
+                                        serve_listeners,
                                         functools.partial(self._handle, peer_link=True),
                                         peer_listeners, handler_nursery=connections))
-                                await trio.serve_listeners(self._handle, public,
-                                                           handler_nursery=connections)
+                                await serve_listeners(self._handle, public,
+                                                      handler_nursery=connections)
 
                     connections.start_soon(accept)
                     # Start-up allocations are done: freeze them, tune the GC.

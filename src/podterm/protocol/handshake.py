@@ -107,8 +107,12 @@ def _tokens(headers: Iterable[Header], name: bytes) -> list[str]:
     A header may be split over several lines (RFC 9110 §5.3); the Python
     kubernetes client sends ``v5.channel.k8s.io,v4.channel.k8s.io`` with no space.
     """
+    return _split_tokens(_values(headers, name))
+
+
+def _split_tokens(values: Iterable[bytes]) -> list[str]:
     out: list[str] = []
-    for value in _values(headers, name):
+    for value in values:
         for part in value.split(b","):
             token = part.strip()
             if token:
@@ -160,25 +164,34 @@ def parse_upgrade(request: h11.Request, *,
             ``Sec-WebSocket-Version: 13`` header to send) or 403; the message
             names what was wrong.
     """
-    headers = request.headers
+    # One pass over h11's headers (each item access of its Headers sequence
+    # is a method call); every rule below then looks names up in ``lines``.
+    headers = tuple(request.headers)
+    lines: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        found = lines.get(name)
+        if found is None:
+            lines[name] = [value]
+        else:
+            found.append(value)
     if request.method != b"GET":
         raise HandshakeError(
             f"a WebSocket upgrade must be a GET, not {request.method.decode('latin-1')}", 400)
     if request.http_version < b"1.1":
         raise HandshakeError(
             f"a WebSocket upgrade needs HTTP/1.1, not HTTP/{request.http_version.decode()}", 400)
-    if "websocket" not in (t.lower() for t in _tokens(headers, b"upgrade")):
+    if "websocket" not in (t.lower() for t in _split_tokens(lines.get(b"upgrade", ()))):
         raise HandshakeError("missing 'Upgrade: websocket' header", 400)
-    if "upgrade" not in (t.lower() for t in _tokens(headers, b"connection")):
+    if "upgrade" not in (t.lower() for t in _split_tokens(lines.get(b"connection", ()))):
         raise HandshakeError("missing 'Connection: upgrade' header", 400)
-    versions = _tokens(headers, b"sec-websocket-version")
+    versions = _split_tokens(lines.get(b"sec-websocket-version", ()))
     if versions != [WEBSOCKET_VERSION]:
         got = ", ".join(versions) if versions else "none"
         # §4.2.2: "the server MUST ... send ... a |Sec-WebSocket-Version| header
         # field indicating the version(s) the server is capable of understanding."
         raise HandshakeError(f"unsupported Sec-WebSocket-Version {got}: this server speaks 13",
                              426, headers=[("Sec-WebSocket-Version", WEBSOCKET_VERSION)])
-    keys = _values(headers, b"sec-websocket-key")
+    keys = lines.get(b"sec-websocket-key", [])
     if len(keys) != 1:
         raise HandshakeError("expected exactly one Sec-WebSocket-Key header, got "
                              f"{len(keys)}", 400)
@@ -189,7 +202,7 @@ def parse_upgrade(request: h11.Request, *,
         nonce = b""
     if len(nonce) != 16:
         raise HandshakeError("Sec-WebSocket-Key must be the base64 encoding of 16 bytes", 400)
-    origins = _values(headers, b"origin")
+    origins = lines.get(b"origin")
     origin = origins[0].decode("latin-1") if origins else None
     if origin_ok is not None and not origin_ok(origin):
         raise HandshakeError(f"origin {origin!r} is not allowed", 403)
@@ -197,10 +210,10 @@ def parse_upgrade(request: h11.Request, *,
         target=request.target.decode("latin-1"),
         key=key,
         version=WEBSOCKET_VERSION,
-        subprotocols=tuple(_tokens(headers, b"sec-websocket-protocol")),
+        subprotocols=tuple(_split_tokens(lines.get(b"sec-websocket-protocol", ()))),
         origin=origin,
-        extensions=tuple(_tokens(headers, b"sec-websocket-extensions")),
-        headers=tuple(headers),
+        extensions=tuple(_split_tokens(lines.get(b"sec-websocket-extensions", ()))),
+        headers=headers,
     )
 
 

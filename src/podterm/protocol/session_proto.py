@@ -42,6 +42,7 @@ decoder would reject with :class:`~podterm.errors.LocalProtocolError`.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -342,23 +343,49 @@ def _check_size(cols: int, rows: int) -> None:
             raise LocalProtocolError(f"{name}={value!r} outside 1..{MAX_TERMINAL_SIZE}")
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _hello_body(event: Hello) -> bytes:
+    """The ``hello`` CONTROL JSON, written directly (one per attach: the handshake path).
+
+    Byte for byte what ``_json`` makes of the same object, keys in spec
+    order; every field is checked against the decoder's rules
+    (:func:`_parse_hello`) first, so what is sent is what a peer accepts,
+    without building a dict, dumping it and parsing it back.
+    """
+    _check_size(event.cols, event.rows)
+    for value in (event.out_offset, event.ring_start, event.in_acked):
+        _check_offset(value)
+    session, token, notices = event.session, event.resume_token, event.notices
+    heartbeat, window = event.heartbeat_s, event.window
+    if (not isinstance(session, str) or event.state not in HELLO_STATES
+            or event.mode not in MODES or not (token is None or isinstance(token, str))
+            or event.ring_start > event.out_offset
+            or not _is_int(window) or not 1 <= window <= MAX_OFFSET
+            or not isinstance(heartbeat, int | float) or isinstance(heartbeat, bool)
+            or not 0 < heartbeat < math.inf
+            or not all(isinstance(n, str) for n in notices)
+            or not isinstance(event.stdin_closed, bool)):
+        raise LocalProtocolError(f"invalid hello: {event!r}")
+    # "heartbeat_s":15 as in the spec when it is a whole number.
+    beat = int(heartbeat) if heartbeat == int(heartbeat) else heartbeat
+    text = (f'{{"type":"hello","session":{_json_str(session)},'
+            f'"resume_token":{"null" if token is None else _json_str(token)},'
+            f'"state":"{event.state}","mode":"{event.mode}","out_offset":{event.out_offset},'
+            f'"ring_start":{event.ring_start},"in_acked":{event.in_acked},'
+            f'"size":{{"cols":{event.cols},"rows":{event.rows}}},"window":{window},'
+            f'"heartbeat_s":{beat!r},"notices":[{",".join(map(_json_str, notices))}]'
+            + (',"stdin_closed":true}' if event.stdin_closed else "}"))
+    return _check_control(text.encode("utf-8"))
+
+
 def control_body(event: Event) -> bytes:
     """The CONTROL JSON for a control event (compact, keys in spec order)."""
     obj: dict[str, Any]
     if isinstance(event, Hello):
-        _check_size(event.cols, event.rows)
-        for value in (event.out_offset, event.ring_start, event.in_acked):
-            _check_offset(value)
-        obj = {"type": "hello", "session": event.session, "resume_token": event.resume_token,
-               "state": event.state, "mode": event.mode, "out_offset": event.out_offset,
-               "ring_start": event.ring_start, "in_acked": event.in_acked,
-               "size": {"cols": event.cols, "rows": event.rows}, "window": event.window,
-               "heartbeat_s": event.heartbeat_s, "notices": list(event.notices)}
-        if event.heartbeat_s == int(event.heartbeat_s):
-            obj["heartbeat_s"] = int(event.heartbeat_s)  # "heartbeat_s":15 as in the spec
-        if event.stdin_closed:
-            obj["stdin_closed"] = True  # only when true: absent means false
-    elif isinstance(event, Gap):
+        return _hello_body(event)
+    if isinstance(event, Gap):
         obj = {"type": "gap", "from": _check_offset(event.from_offset),
                "to": _check_offset(event.to_offset), "lost": event.lost}
     elif isinstance(event, Drain):
