@@ -25,6 +25,16 @@ life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules
   heartbeat PING when one is due.  Heartbeats live here too: two unanswered
   PINGs, or a write that cannot complete in that time, mark the link dead.
 
+Hot path (issue 9): a keystroke is written to the upstream by the receiver
+itself when nothing is queued before it (``LocalStream.send_stdin_nowait``);
+its input ACK waits up to ``INPUT_ACK_DELAY_S`` for output to ride with; and
+output that arrives while the sender is parked is sent by the output pump's
+own task (:meth:`_Link.flush_output`: one non-blocking write of the ACK and
+the output; the sender is woken only for what that write could not take, or
+when anything else is due).  So an echo costs two task steps, as in a raw
+relay.  Output messages of 1 KiB and more are laid out as frame headers and
+read-only views of the ring, copied once by the join of the batch.
+
 When the link ends for any reason the attachment is removed from the session
 (the session detaches; it does not end).
 """
@@ -33,7 +43,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -51,6 +63,7 @@ from podterm.gateway.http import Upgraded, error_code
 from podterm.gateway.router import Call
 from podterm.metrics import GatewayCounters
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream, accept_on
+from podterm.protocol._types import Buffer
 from podterm.protocol.events import Ack, Detach, ErrorMsg, Event, Gap, Resize, Stdin, StdinEof
 from podterm.protocol.handshake import extract_bearer_subprotocol, parse_upgrade
 from podterm.protocol.session_proto import (
@@ -62,9 +75,9 @@ from podterm.protocol.session_proto import (
     encode_ack,
     encode_exit,
 )
-from podterm.protocol.websocket import WsLimits
+from podterm.protocol.websocket import ConnectionState, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.session.attachment import Attachment, Mode
+from podterm.session.attachment import INPUT_ACK_DELAY_S, Attachment, Mode
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
 
@@ -83,6 +96,20 @@ _STDOUT_CH = 1
 #: Most output bytes put in one write: the window's worth at most; bounding
 #: it keeps one busy link from holding the loop for long (p99 first).
 MAX_BATCH_BYTES = 256 * 1024
+#: Output messages this size and larger are sent from views of the ring
+#: (no copy but the batch's join); smaller ones are copied out (cheaper
+#: than the views for an echo).
+_COPY_BELOW = 1024
+_HEAD_SHORT = struct.Struct(">BB")
+_HEAD_MEDIUM = struct.Struct(">BBH")
+_FIN_BINARY = 0x82
+
+
+def _frame_head(length: int) -> bytes:
+    """The header of one unmasked final binary frame of ``length`` payload bytes (< 64 KiB)."""
+    if length < 126:
+        return _HEAD_SHORT.pack(_FIN_BINARY, length)
+    return _HEAD_MEDIUM.pack(_FIN_BINARY, 126, length)
 
 _MAX_TOKEN_CHARS = 256
 _OFFSET_RE = re.compile(r"[0-9]{1,20}")
@@ -215,6 +242,7 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
         with trio.CancelScope(shield=True):
             await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
     finally:
+        att.flush = None
         session.detach(att)
         # Idempotent: after a close handshake this only makes sure the
         # stream is closed; after a lost connection it closes the socket.
@@ -242,6 +270,7 @@ class _Link:
         ws.heartbeat = self.hb  # the reader hands PONGs to it
         self.rx_scope = trio.CancelScope()
         self.rx_done = trio.Event()
+        att.flush = self.flush_output
 
     # -------------------------------------------------------------- receiver
 
@@ -318,23 +347,23 @@ class _Link:
         # with a full receive window (half-open TCP): same verdict as no PONG.
         stall_s = limits.heartbeat_interval_s * limits.heartbeat_max_missed
         send_binary = ws.conn.send_binary
+        ack_urgent = limits.window_bytes // 4
+        ack_at = math.inf  # when a deferred input ACK must go
         while True:
             if att.gone:
                 return
             if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
                 await self.rx_done.wait()  # violation, the peer's CLOSE): nothing more to send
                 return
-            parts: list[bytes] = []
+            parts: list[Buffer] = []
             # 1. notices: hello, gap, drain, error.
             if att.notices:
                 for notice in att.notices:
                     parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
                 att.notices.clear()
-            # 2. the input ACK (writer): bytes written to the upstream.
-            if att is session.writer and session.in_written > att.in_ack_sent:
-                att.in_ack_sent = session.in_written
-                prefix, body = encode_ack(att.in_ack_sent)
-                parts.append(send_binary(body, prefix))
+            # 2. the input ACK (writer), placed here once it is known to go.
+            ack_index = len(parts)
+            ack = session.in_written if att is session.writer else 0
             # 3. output up to the link's credit, unless the link is closing
             #    (what it has not seen is replayed when it resumes).
             if att.close is None:
@@ -347,8 +376,21 @@ class _Link:
             elif att.close[0] == CloseCode.SESSION_ENDED and not att.exit_sent:
                 # Killed (DELETE, a timer): EXIT, then close 4410.
                 parts.append(self._exit_message(session.exit_reason))
-            # 5. heartbeat.
             now = trio.current_time()
+            if ack > att.in_ack_sent:
+                # Bytes written to the upstream.  Alone, the ACK waits a few ms
+                # for output to ride with (a keystroke's echo): one write, not two.
+                if (parts or att.close is not None or now >= ack_at
+                        or ack - att.in_ack_sent >= ack_urgent):
+                    att.in_ack_sent = ack
+                    prefix, body = encode_ack(ack)
+                    parts.insert(ack_index, send_binary(body, prefix))
+                    ack_at = math.inf
+                elif ack_at == math.inf:
+                    ack_at = now + INPUT_ACK_DELAY_S
+            else:
+                ack_at = math.inf  # sent meanwhile (flush_output) or none due
+            # 5. heartbeat.
             if now >= hb.deadline:
                 ping = hb.poll(now)
                 if hb.is_dead:
@@ -359,15 +401,16 @@ class _Link:
                     return
                 if ping is not None:
                     parts.append(ws.conn.send_ping(ping))
-            if parts:
+            if parts or ws.has_pending_out:
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
-                with trio.move_on_after(stall_s) as stalled:
-                    try:
-                        await ws.send_raw(data)
-                    except ConnectionClosed:
-                        att.mark_gone()
-                        return
-                if stalled.cancelled_caught:
+                parts.clear()  # let go of ring views before waiting
+                assert isinstance(data, bytes)
+                try:
+                    done = await ws.send_batch(data, stall_s)
+                except ConnectionClosed:
+                    att.mark_gone()
+                    return
+                if not done:
                     counters.heartbeat_failures += 1
                     log.info("session.link.dead %s: peer stopped reading", session.id)
                     await ws.abort(CloseCode.INTERNAL_ERROR, "peer stopped reading")
@@ -376,9 +419,55 @@ class _Link:
             if att.close is not None:
                 await self._close(*att.close)
                 return
-            # Nothing to send: park until woken or the next PING is due.
-            with trio.move_on_at(hb.deadline):
-                await att.wait_woken()
+            # Nothing to send: park until woken, the next PING or a deferred ACK.
+            with trio.CancelScope(deadline=min(hb.deadline, ack_at)) as parked:
+                att.park_scope = parked
+                try:
+                    await att.wait_woken()
+                finally:
+                    att.park_scope = None
+
+    def flush_output(self) -> bool:
+        """Send new output from the session's task while the sender is parked.
+
+        Called synchronously by :meth:`Attachment.output_ready` (the output
+        pump appended to the ring): the batch the sender would send — the input
+        ACK if one is due, then the output — goes out in one non-blocking
+        write, without waking the sender.  Returns False, having sent nothing,
+        when anything else is due (notices, a close, a PING) or the stream
+        cannot take a write now; then the sender is woken instead.  What the
+        socket does not take at once stays queued in the stream, and the
+        sender is woken to finish it under its stall bound.
+        """
+        att = self.att
+        ws = self.ws
+        if (att.close is not None or att.gone or att.notices or not ws.can_send_nowait()
+                or trio.current_time() >= self.hb.deadline):
+            return False
+        session = self.session
+        parts: list[Buffer] = []
+        try:
+            if att is session.writer:
+                ack = session.in_written
+                if ack > att.in_ack_sent:
+                    att.in_ack_sent = ack
+                    prefix, body = encode_ack(ack)
+                    parts.append(ws.conn.send_binary(body, prefix))
+            self._collect_output(parts)
+            if not parts:
+                return True  # no credit: nothing the sender could send either
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            assert isinstance(data, bytes)
+            parked = att.park_scope
+            if parked is not None and parked.deadline < self.hb.deadline:
+                parked.deadline = self.hb.deadline  # the deferred ACK went out here
+            if ws.send_nowait(data):
+                return True
+        except Exception:  # never into the session's task: the link ends instead
+            log.exception("session.attach.flush_failed %s", session.id)
+            att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+        return False  # the sender finishes the write (or the close)
 
     def _exit_message(self, reason: str) -> bytes:
         status = self.session.exit_status
@@ -387,13 +476,21 @@ class _Link:
                                    status.signal if status else None, reason)
         return self.ws.conn.send_binary(body, prefix)
 
-    def _collect_output(self, parts: list[bytes]) -> None:
-        """Append STDOUT/STDERR messages for everything the link may be sent now."""
+    def _collect_output(self, parts: list[Buffer]) -> None:
+        """Append STDOUT/STDERR messages for everything the link may be sent now.
+
+        A message above :data:`_COPY_BELOW` bytes goes in as its frame header
+        (with the type byte) followed by read-only views of the ring's chunks:
+        its bytes are copied once, by the join of the batch.
+        """
         att = self.att
         session = self.session
         ring = session.ring
         counters = self.counters
-        send_binary = self.ws.conn.send_binary
+        conn = self.ws.conn
+        send_binary = conn.send_binary
+        # Unmasked frames (the server role) can be laid out here.
+        views_ok = conn.role is Role.SERVER and conn.state is ConnectionState.OPEN
         sent = att.sent
         if sent < ring.start:
             # A viewer fell a full ring behind (a writer never can: the pump
@@ -411,10 +508,17 @@ class _Link:
             prefix = _STDOUT_PREFIX if channel == _STDOUT_CH else _STDERR_PREFIX
             pos = start
             while pos < finish:
-                chunk = ring.read_from(pos, min(SERVER_CHUNK_BYTES, finish - pos))
-                assert isinstance(chunk, bytes) and chunk
-                parts.append(send_binary(chunk, prefix))
-                pos += len(chunk)
+                size = min(SERVER_CHUNK_BYTES, finish - pos)
+                if views_ok and size >= _COPY_BELOW:
+                    views = ring.views_from(pos, size)
+                    assert isinstance(views, list)
+                    parts.append(_frame_head(size + 1) + prefix)
+                    parts.extend(views)
+                else:
+                    chunk = ring.read_from(pos, size)
+                    assert isinstance(chunk, bytes) and len(chunk) == size
+                    parts.append(send_binary(chunk, prefix))
+                pos += size
         if sent < att.replay_end:
             counters.replayed_bytes += min(stop, att.replay_end) - sent
         counters.bytes_out += stop - sent

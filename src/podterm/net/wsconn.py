@@ -34,6 +34,7 @@ stream closed.  ``trio.Cancelled`` is never swallowed.
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -136,7 +137,7 @@ class WebSocketStream:
     __slots__ = (
         "stream", "conn", "subprotocol", "heartbeat", "close_timeout_s",
         "_read_size", "_initial", "_close_info", "_eof", "_stream_closed",
-        "_writing", "_write_lot", "_send_broken", "_reading", "_read_lot",
+        "_writing", "_write_lot", "_send_broken", "_reading", "_read_lot", "_pending_out",
     )
 
     def __init__(self, stream: trio.abc.Stream, conn: WebSocketConnection, *,
@@ -156,6 +157,8 @@ class WebSocketStream:
         self._writing = False
         self._write_lot: trio.lowlevel.ParkingLot | None = None  # created on first contention
         self._send_broken = False
+        # The unwritten rest of a send_nowait(): the next bytes on the wire.
+        self._pending_out: memoryview | None = None
         self._reading = False
         self._read_lot: trio.lowlevel.ParkingLot | None = None
 
@@ -200,7 +203,11 @@ class WebSocketStream:
                         raise ConnectionClosed(*self._close_info)
                 self._reading = True
                 try:
-                    data = await self.stream.receive_some(self._read_size)
+                    stream = self.stream
+                    if type(stream) is trio.SocketStream:
+                        data = await self._recv_socket(stream.socket)
+                    else:
+                        data = await stream.receive_some(self._read_size)
                 except trio.BrokenResourceError as exc:
                     conn.receive_data(b"")
                     self._close_info = (_ABNORMAL, f"connection lost: {exc.__cause__ or exc}")
@@ -224,6 +231,34 @@ class WebSocketStream:
             batch = await self._after_control(events)
             if batch:
                 return batch
+
+    async def _recv_socket(self, sock: trio.socket.SocketType) -> bytes:
+        """``SocketStream.receive_some`` for the reader, without its per-call wrappers.
+
+        The same checkpoints (a cancellation check first, a yield when data was
+        there at once) and errors (ClosedResourceError for a closed socket,
+        BrokenResourceError for any other failure); the caller holds the
+        read slot.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("this socket was already closed")
+            try:
+                data = os.read(fd, self._read_size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def _after_control(self, events: list) -> list[Message]:  # type: ignore[type-arg]
         """Slow path of a read that held control frames, a CLOSE or a failure."""
@@ -298,8 +333,9 @@ class WebSocketStream:
             return ConnectionClosed(*sent)
         return ConnectionClosed(_ABNORMAL, f"connection is {self.conn.state.name}")
 
-    async def _send_locked(self, data: bytes) -> None:
-        """Write ``data`` then any queued automatic replies; the caller holds the write slot."""
+    async def _send_locked(self, data: bytes | memoryview) -> None:
+        """Write the rest of a :meth:`send_nowait`, ``data``, then any queued automatic
+        replies; the caller holds the write slot."""
         if self._send_broken:
             raise self._send_refused()
         stream = self.stream
@@ -307,6 +343,10 @@ class WebSocketStream:
         # Cancelled here, nothing was written and the stream stays usable.
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
+            pending = self._pending_out
+            if pending is not None:
+                self._pending_out = None
+                await stream.send_all(pending)
             if data:
                 await stream.send_all(data)
             while conn.has_data_to_send:  # PONGs the reader queued while we wrote
@@ -374,6 +414,90 @@ class WebSocketStream:
         finally:
             self._release_writer()
 
+    async def send_batch(self, data: bytes, stall_s: float) -> bool:
+        """Send frames the caller encoded, in one write, giving up after ``stall_s``.
+
+        The relay's hot path.  A TCP stream that takes all of ``data`` at
+        once is written directly (one ``write`` on its socket, no checkpoint,
+        no timer); only a write the kernel cannot take whole waits, for at
+        most ``stall_s`` seconds.
+
+        Returns:
+            True once everything was written; False if the write did not
+            complete in ``stall_s`` (the peer stopped reading): the stream is
+            then broken, as after any interrupted send.
+
+        Raises:
+            ConnectionClosed: a CLOSE was sent or received, or the stream broke.
+        """
+        if self._writing:
+            await self._acquire_writer()
+        else:
+            self._writing = True
+        try:
+            if self.conn.state is not _OPEN or self._send_broken:
+                raise self._send_refused()
+            written = 0
+            if self._pending_out is None:
+                written = self._write_nowait(data)
+                if written == len(data) and not self.conn.has_data_to_send:
+                    return True
+            with trio.move_on_after(stall_s) as stalled:
+                await self._send_locked(memoryview(data)[written:] if written else data)
+            return not stalled.cancelled_caught
+        finally:
+            self._release_writer()
+
+    @property
+    def has_pending_out(self) -> bool:
+        """True while part of a :meth:`send_nowait` waits for the next send."""
+        return self._pending_out is not None
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` would take data now (nobody writing, OPEN, TCP)."""
+        return (not self._writing and self._pending_out is None and not self._send_broken
+                and self.conn.state is _OPEN and not self.conn.has_data_to_send
+                and type(self.stream) is trio.SocketStream)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Write frames the caller encoded from a synchronous context; no waiting.
+
+        Only when :meth:`can_send_nowait` says so.  What the socket does not
+        take now is kept and goes out first with the next send (:meth:`send_batch`,
+        a PONG, the CLOSE), so the frames on the wire stay whole and in order;
+        the caller must then make sure a send follows (the relay wakes its
+        sender).
+
+        Returns:
+            True if every byte was written, False if some wait for the next send.
+        """
+        if not self.can_send_nowait():
+            raise LocalProtocolError("send_nowait() while the stream cannot take it")
+        written = self._write_nowait(data)
+        if written == len(data):
+            return True
+        self._pending_out = memoryview(data)[written:]
+        return False
+
+    def _write_nowait(self, data: bytes) -> int:
+        """Write what a plain TCP socket takes now; 0 when it takes nothing or is not one.
+
+        Errors are left to the waiting path (``send_all`` raises them,
+        translated), so they are reported in one place.  The caller holds the
+        write slot, so no other task writes the socket meanwhile.
+        """
+        stream = self.stream
+        if type(stream) is not trio.SocketStream:
+            return 0  # TLS and test streams: the waiting path
+        sock = stream.socket
+        fd = sock.fileno()
+        if fd < 0 or sock.did_shutdown_SHUT_WR:
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:  # EAGAIN (full), or a broken connection send_all reports
+            return 0
+
     async def ping(self, payload: bytes = b"") -> None:
         """Send a PING (at most 125 bytes).  Its PONG reaches :attr:`heartbeat`.
 
@@ -423,7 +547,7 @@ class WebSocketStream:
         if self._send_broken:
             return
         try:
-            if conn.state is _OPEN or conn.has_data_to_send:
+            if conn.state is _OPEN or conn.has_data_to_send or self._pending_out is not None:
                 await self._acquire_writer()
                 try:
                     frame = conn.send_close(code, reason) if conn.state is _OPEN else b""

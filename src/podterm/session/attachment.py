@@ -22,6 +22,7 @@ Nothing here blocks; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,7 +32,13 @@ from podterm.protocol.events import Drain, ErrorMsg, Gap, Hello
 if TYPE_CHECKING:
     from podterm.session.session import Session
 
-__all__ = ["Attachment", "Mode", "Notice"]
+__all__ = ["INPUT_ACK_DELAY_S", "Attachment", "Mode", "Notice"]
+
+#: How long an input ACK may wait for output to leave with (see
+#: :meth:`Attachment.input_written`); below §6's 100 ms, and long enough for
+#: an echo to come back through a busy gateway (one pass of a loaded event
+#: loop over many sessions takes several milliseconds).
+INPUT_ACK_DELAY_S = 0.04
 
 #: What the sender still has to send, in order, before any output: ``hello``,
 #: ``gap``, ``drain`` and ``error`` control messages.
@@ -63,7 +70,8 @@ class Attachment:
     """
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
-                 "notices", "close", "gone", "exit_sent", "resumed", "_lot")
+                 "notices", "close", "gone", "exit_sent", "resumed", "park_scope", "flush",
+                 "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -79,6 +87,10 @@ class Attachment:
         self.gone = False
         self.exit_sent = False
         self.resumed = False
+        #: The scope the sender parks in (set by the relay while it is parked).
+        self.park_scope: trio.CancelScope | None = None
+        #: The relay's synchronous send of new output (see :meth:`output_ready`).
+        self.flush: Callable[[], bool] | None = None
         self._lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
@@ -94,6 +106,36 @@ class Attachment:
     def wake(self) -> None:
         """Wake the sender: there may be output, credit, a notice or a close."""
         self._lot.unpark_all()
+
+    def output_ready(self) -> None:
+        """New output is in the ring: send it now, or wake the sender.
+
+        While the sender is parked, the relay's :attr:`flush` may send the
+        output from the caller's task (no task switch); it returns False when
+        it could not, and the sender is woken as for any change.
+        """
+        flush = self.flush
+        if flush is None or self.park_scope is None or not flush():
+            self._lot.unpark_all()
+
+    def input_written(self, unacked: int) -> None:
+        """Input was written upstream: an input ACK is due, ``unacked`` bytes' worth.
+
+        The ACK need not leave alone: a parked sender is only told to wake
+        within :data:`INPUT_ACK_DELAY_S`, so that the output the input causes
+        (a keystroke's echo) usually goes in the same write.  A quarter of the
+        window unacknowledged wakes it at once (docs/protocol.md §6: an ACK at
+        least every half window and every 100 ms).  A sender that is not parked
+        sees the ACK due on its next turn.
+        """
+        if unacked >= self.session.limits.window_bytes // 4:
+            self._lot.unpark_all()
+            return
+        scope = self.park_scope
+        if scope is not None:
+            deadline = trio.current_time() + INPUT_ACK_DELAY_S
+            if deadline < scope.deadline:  # not already due sooner
+                scope.deadline = deadline
 
     async def wait_woken(self) -> None:
         """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""

@@ -581,7 +581,11 @@ class Session:
         self.last_activity = trio.current_time()
         if self._watch is not None:
             self._watch(self, False)
-        self._wake_links()
+        writer = self.writer
+        if writer is not None:
+            writer.output_ready()
+        for viewer in self.viewers:
+            viewer.output_ready()
 
     async def _pump_output(self) -> None:
         """Read the upstream while the writer's window has room; the only reader of it."""
@@ -695,7 +699,8 @@ class Session:
             self._credit_lot.unpark_all()
             if self._watch is not None:
                 self._watch(self, False)
-        attachment.wake()  # more link credit
+        if self.ring.end > attachment.sent:
+            attachment.wake()  # more link credit for output that waits
 
     # ------------------------------------------------------------ input side
 
@@ -738,11 +743,24 @@ class Session:
                 piece = piece[:eof_at - self.in_offset]  # what follows is past the EOF
             data = data[len(piece):]
             chunks = self._in_chunks
-            if chunks is None:
-                chunks = self._in_chunks = deque()
-            chunks.append(piece)
-            self._in_pending += len(piece)
+            written = 0
+            if not chunks and self._lost is None:
+                # Nothing queued: write it from this task if the upstream takes
+                # it now (a keystroke), instead of waking the input pump.
+                nowait = getattr(self._stream, "send_stdin_nowait", None)
+                recorder = self.recorder
+                if nowait is not None and (recorder is None or not recorder.record_input):
+                    written = nowait(piece)
+            if written < len(piece):
+                if chunks is None:
+                    chunks = self._in_chunks = deque()
+                chunks.append(piece[written:] if written else piece)
+                self._in_pending += len(piece) - written
+                self._input_lot.unpark_all()
             self.in_offset += len(piece)
+            if written:
+                self._in_sent += written
+                attachment.input_written(self.in_written - attachment.in_ack_sent)
             if self._lost is not None and not self._restore_wanted:
                 self._restore_wanted = True  # "on the user's next input": restore now
                 self._status_lot.unpark_all()
@@ -750,7 +768,6 @@ class Session:
             if self._watch is not None:
                 self._watch(self, False)
             self.last_activity = trio.current_time()
-            self._input_lot.unpark_all()
             if eof_at is not None and self.in_offset >= eof_at:
                 self.close_input()  # the client's EOF offset is reached
 
@@ -799,8 +816,9 @@ class Session:
             self._in_pending -= len(piece)
             self._in_sent += len(piece)
             self._space_lot.unpark_all()
-            if self.writer is not None:
-                self.writer.wake()  # an input ACK is due
+            writer = self.writer
+            if writer is not None:
+                writer.input_written(self.in_written - writer.in_ack_sent)  # an ACK is due
             if recorder is not None:
                 # After the write: a piece retried after a lost upstream is recorded once.
                 try:

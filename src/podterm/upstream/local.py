@@ -459,6 +459,30 @@ class LocalStream:
         finally:
             self._sending = False
 
+    def send_stdin_nowait(self, data: bytes) -> int:
+        """Write what the process's stdin takes now, without waiting; return the count.
+
+        The relay's fast path (the session writes a keystroke from the link's
+        own task instead of handing it to its input pump): one ``os.write``,
+        no checkpoint.  0 means nothing was written, either because the input
+        is full or because this stream cannot take input now (another task is
+        sending, stdin or the stream is closed, the terminal is gone): the
+        caller then queues ``data`` for :meth:`send_stdin`, which waits, or
+        raises the error that applies.
+        """
+        fd = self._stdin_fd
+        if (self._sending or self._closed or self._stdin_closed or fd is None or not data
+                or (self._master is not None and self._eof)):
+            return 0
+        try:
+            written = os.write(fd, data)
+        except OSError:  # EAGAIN, or EPIPE/EIO: send_stdin waits, or reports it
+            return 0
+        if written and self.tty:
+            self._at_line_start = data[written - 1] in (0x0A, 0x0D)
+        self._bytes_stdin += written
+        return written
+
     async def _write_all(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         if self.tty and len(view):
