@@ -17,13 +17,13 @@ the gateway does with it:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import trio
 
 from podterm.errors import ProtocolViolation
+from podterm.gateway.http import error_response, raw_response, send_and_close
 from podterm.metrics import MetricFamily, counter, gauge, labelled
 from podterm.net.clientaddr import receive_proxy_header as _receive
 from podterm.protocol.proxy_header import ProxyResult
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 #: the busiest ten.  Prometheus labels must come from a bounded set; one per
 #: address would grow without end behind a public load balancer.
 TOP_ADDRESSES = 10
-
-#: How long a refusal may take to write and to read what the client sent
-#: meanwhile (so the kernel does not answer it with RST, which would discard
-#: the 400 before the client reads it).
-_REFUSE_S = 1.0
-_REFUSE_DRAIN_BYTES = 65536
-
 
 @dataclass(frozen=True, slots=True)
 class ClientStatistics:
@@ -138,32 +131,6 @@ class ClientConnections:
         ]
 
 
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nServer: podterm\r\nContent-Type: application/json\r\n"
-
-
-def _refusal(message: str) -> bytes:
-    body = json.dumps({"error": {"code": "bad_request", "message": message}},
-                      separators=(",", ":")).encode("utf-8") + b"\n"
-    return (_BAD_REQUEST + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body)
-
-
-async def _refuse(stream: trio.abc.HalfCloseableStream, message: str) -> None:
-    """Best effort: write a 400, half-close, read what the client still sends, bounded."""
-    with trio.move_on_after(_REFUSE_S):
-        try:
-            await stream.send_all(_refusal(message))
-            await stream.send_eof()
-            drained = 0
-            while drained < _REFUSE_DRAIN_BYTES:
-                data = await stream.receive_some(16384)
-                if not data:
-                    break
-                drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-
 async def receive_proxy_header(stream: trio.abc.HalfCloseableStream, *, timeout_s: float,
                                answer_http: bool, clients: ClientConnections, peer: str
                                ) -> tuple[ProxyResult, trio.abc.HalfCloseableStream] | None:
@@ -192,7 +159,8 @@ async def receive_proxy_header(stream: trio.abc.HalfCloseableStream, *, timeout_
     clients.count_proxy_reject(reason)
     log.info("gateway.proxy_header.rejected peer=%s reason=%s %s", peer, reason, message)
     if answer_http and message:
-        await _refuse(stream, message)
-    with trio.CancelScope(shield=True):
-        await trio.aclose_forcefully(stream)
+        await send_and_close(stream, raw_response(error_response(400, message)))
+    else:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
     return None
