@@ -17,6 +17,7 @@ unless the caller is an admin.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from podterm.audit.events import Target
@@ -127,6 +128,28 @@ def validate_create(body: Any, *, upstreams: frozenset[str],
     return spec, upstream
 
 
+def _session_object(*, id: str, owner: str, state: str, upstream: str, namespace: str | None,
+                    pod: str | None, container: str | None, command: Sequence[str] | None,
+                    tty: bool, cols: int, rows: int, created_at: str, out_offset: int,
+                    in_offset: int) -> dict[str, Any]:
+    """The fields of the §2 session object that a live session and a store record share."""
+    return {
+        "id": id,
+        "owner": owner,
+        "state": state,
+        "upstream": upstream,
+        "namespace": namespace or "default",
+        "pod": pod or "local",
+        "container": container or "",
+        "command": list(command) if command is not None else None,
+        "tty": tty,
+        "size": {"cols": cols, "rows": rows},
+        "created_at": created_at,
+        "out_offset": out_offset,
+        "in_offset": in_offset,
+    }
+
+
 def session_json(session: Session) -> dict[str, Any]:
     """The §2 session object."""
     spec = session.spec
@@ -137,44 +160,27 @@ def session_json(session: Session) -> dict[str, Any]:
         exit_obj = {"code": status.code if status else None,
                     "signal": status.signal if status else None,
                     "reason": session.exit_reason}
-    return {
-        "id": session.id,
-        "owner": session.owner,
-        "state": state.value,
-        "upstream": session.upstream_kind,
-        "namespace": spec.namespace or "default",
-        "pod": spec.pod or "local",
-        "container": spec.container or "",
-        "command": list(spec.command) if spec.command is not None else None,
-        "tty": spec.tty,
-        "size": {"cols": session.cols, "rows": session.rows},
-        "created_at": session.created_at,
-        "out_offset": session.out_offset,
-        "in_offset": session.in_offset,
-        "writers": 1 if session.writer is not None else 0,
-        "viewers": len(session.viewers),
-        "exit": exit_obj,
-    }
+    body = _session_object(
+        id=session.id, owner=session.owner, state=state.value, upstream=session.upstream_kind,
+        namespace=spec.namespace, pod=spec.pod, container=spec.container, command=spec.command,
+        tty=spec.tty, cols=session.cols, rows=session.rows, created_at=session.created_at,
+        out_offset=session.out_offset, in_offset=session.in_offset)
+    body["writers"] = 1 if session.writer is not None else 0
+    body["viewers"] = len(session.viewers)
+    body["exit"] = exit_obj
+    return body
 
 
 def record_json(record: SessionRecord) -> dict[str, Any]:
     """The §2 session object of a session another worker or replica runs (from the store)."""
-    return {
-        "id": record.id,
-        "owner": record.owner,
-        "state": record.state,
-        "upstream": record.upstream_kind,
-        "namespace": record.namespace or "default",
-        "pod": record.pod or "local",
-        "container": record.container or "",
-        "command": list(record.command) if record.command is not None else None,
-        "tty": record.tty,
-        "size": {"cols": record.cols, "rows": record.rows},
-        "created_at": wall_iso(record.created_at),
-        "out_offset": record.out_offset,
-        "in_offset": record.in_offset,
-        "holder": record.holder,
-    }
+    body = _session_object(
+        id=record.id, owner=record.owner, state=record.state, upstream=record.upstream_kind,
+        namespace=record.namespace, pod=record.pod, container=record.container,
+        command=record.command, tty=record.tty, cols=record.cols, rows=record.rows,
+        created_at=wall_iso(record.created_at), out_offset=record.out_offset,
+        in_offset=record.in_offset)
+    body["holder"] = record.holder
+    return body
 
 
 def _attach_path(session_id: str) -> str:
