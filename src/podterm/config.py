@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 
 from podterm.durations import DURATION_HELP, format_duration, parse_duration
 from podterm.errors import ConfigError
+from podterm.net.hostport import join_host_port, split_host_port
 from podterm.protocol.handshake import OriginPolicy
 
 __all__ = [
@@ -657,16 +658,13 @@ _port = _int(0, 65535, "a port")
 def _listen(value: object, src: _Source) -> object:
     allowed = "HOST:PORT, e.g. 127.0.0.1:7780, 0.0.0.0:443 or [::1]:7780 (port 0 picks a free one)"
     text = _text(value, src, allowed)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    try:
+        host, port = split_host_port(text)
+    except ValueError:
+        raise _bad(src, value, allowed) from None
+    if not _is_host(host) or not 0 <= port <= 65535:
         raise _bad(src, value, allowed)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:  # a bare IPv6 address is ambiguous: where does the port start?
-        raise _bad(src, value, allowed)
-    if not _is_host(host) or not 0 <= int(port) <= 65535:
-        raise _bad(src, value, allowed)
-    return (host, int(port))
+    return (host, port)
 
 
 def _advertise(value: object, src: _Source) -> object:
@@ -677,7 +675,7 @@ def _advertise(value: object, src: _Source) -> object:
     host, port = str(pair[0]), int(pair[1])
     if port == 0:
         raise _bad(src, value, allowed)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 def _cidrs(value: object, src: _Source) -> object:

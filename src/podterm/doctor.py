@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from podterm import __version__
 from podterm.config import ServeConfig
+from podterm.net.hostport import join_host_port
 
 __all__ = ["Status", "Check", "codec_info", "run_checks", "main"]
 
@@ -147,7 +148,7 @@ def _is_loopback(host: str) -> bool:
 
 def _check_listen(config: ServeConfig) -> list[Check]:
     listen = config.listen
-    where = f"[{listen.host}]:{listen.port}" if ":" in listen.host else f"{listen.host}:{listen.port}"
+    where = join_host_port(listen.host, listen.port)
     checks: list[Check] = []
     try:
         infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)

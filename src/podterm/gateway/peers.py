@@ -101,6 +101,7 @@ from podterm.gateway.http import Request, Response, Upgraded
 from podterm.gateway.router import Call, Route
 from podterm.metrics import MetricFamily, counter, gauge, labelled, render
 from podterm.net.clientaddr import ClientAddress, Via
+from podterm.net.hostport import join_host_port, split_host_port
 from podterm.protocol.handshake import extract_bearer_subprotocol
 from podterm.session.registry import SessionRegistry
 from podterm.store.base import PodIdentity, SessionStore, StoreError
@@ -205,24 +206,23 @@ def peer_signature(secret: bytes, method: str, target: str, user: str, groups: s
 
 
 def parse_peer_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` into ``(host, port)``.
+    """``"host:port"`` or ``"[v6]:port"`` into ``(host, port)``, the port 1-65535.
 
     Raises:
         ValueError: not a peer address.
     """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        host, port = split_host_port(address)
+    except ValueError:
+        raise ValueError(f"not a peer address (HOST:PORT, IPv6 in brackets): {address!r}") \
+            from None
+    if not 0 < port < 65536:
         raise ValueError(f"not a peer address (HOST:PORT): {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"not a peer address (IPv6 needs brackets): {address!r}")
-    return host, int(port)
+    return host, port
 
 
-def format_peer_address(host: str, port: int) -> str:
-    """The peer address text of ``host`` and ``port`` (IPv6 in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+#: The peer address text of a host and port (IPv6 in brackets).
+format_peer_address = join_host_port
 
 
 def _parse_client(text: str) -> ClientAddress | None:

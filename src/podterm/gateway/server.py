@@ -95,6 +95,7 @@ from podterm.gateway.workers import open_listeners
 from podterm.gcprofile import GcController
 from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, MetricFamily
 from podterm.net.clientaddr import ClientAddressPolicy, resolve_connection
+from podterm.net.hostport import join_host_port
 from podterm.net.tls import CertReloader, server_context
 from podterm.protocol.handshake import OriginPolicy
 from podterm.protocol.proxy_header import ProxyResult
@@ -786,8 +787,7 @@ class Gateway:
         host, port = sock.getsockname()[:2]
         self.port = port
         self.host = host
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"{'https' if self.ssl_context else 'http'}://{shown}:{port}"
+        self.url = f"{'https' if self.ssl_context else 'http'}://{join_host_port(host, port)}"
         # A worker listens for its peers on its own port (127.0.0.1, or the
         # --advertise host): the holder address of its sessions (docs/ha.md).
         advertise = self.config.cluster.advertise
@@ -806,7 +806,7 @@ class Gateway:
                                   for lst in peer_listeners]
             self.peers.set_address(format_peer_address(peer_host, peer_port))
         else:
-            self.peers.set_address(advertise or f"{shown}:{port}")
+            self.peers.set_address(advertise or join_host_port(host, port))
         listeners += peer_listeners
         try:
             async with trio.open_nursery() as root:

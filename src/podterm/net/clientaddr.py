@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from podterm.net.hostport import join_host_port
 from podterm.protocol.proxy_header import ProxyHeaderParser, ProxyResult
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class ClientAddress:
         """``ip:port``, ``[v6]:port`` or bare ``ip``: the audit ``source_addr`` form."""
         if self.port is None:
             return self.ip
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
 
 def _ip(text: str) -> _IP | None:
