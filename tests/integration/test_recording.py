@@ -249,6 +249,51 @@ async def test_a_blocked_writer_applies_backpressure_and_coalesces_resizes(
 
 
 @pytest.mark.trio
+async def test_output_nowait_records_only_when_there_is_room(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = RecordingWriter(tmp_path, clock=clock, capacity_bytes=400, flush_interval_s=0)
+    async with trio.open_nursery() as nursery:
+        await run_writer(nursery, writer)
+        recorder = await writer.open_recorder("s-1", 80, 24)
+        await writer.wait_flushed()
+        await writer.batcher.limiter.acquire()  # the writer is stuck
+        clock.now += 1
+        assert recorder.output_nowait(b"a" * 150)  # 250 with overhead: fits
+        assert recorder.output_nowait(b"")  # nothing to record
+        clock.now += 1
+        assert not recorder.output_nowait(b"b" * 100)  # 450 > 400: refused, not recorded
+        assert recorder.statistics().bytes_out == 150
+        recorder.resize(100, 30)  # fits (250 + 106): submitted at once
+        recorder.resize(90, 20)   # does not fit: held
+        assert not recorder.output_nowait(b"c")  # the held resize goes first: not here
+        writer.batcher.limiter.release()
+        with trio.fail_after(5):
+            await recorder.output(b"c")  # the awaiting path submits the held resize first
+            await writer.wait_flushed()
+        assert recorder.output_nowait(b"d")
+        await recorder.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            recorder.output_nowait(b"late")
+        nursery.cancel_scope.cancel()
+    _, events = check_file(tmp_path / "s-1.cast")
+    assert [(e.time, e.code, e.data[:1]) for e in events] == [
+        (1.0, "o", "a"), (2.0, "r", "1"), (2.0, "r", "9"), (2.0, "o", "c"), (2.0, "o", "d")]
+
+
+@pytest.mark.trio
+async def test_output_nowait_raises_once_the_recording_failed(tmp_path: Path) -> None:
+    writer = RecordingWriter(tmp_path, flush_interval_s=0)
+    async with trio.open_nursery() as nursery:
+        await run_writer(nursery, writer)
+        recorder = await writer.open_recorder("s-1", 80, 24)
+        recorder.fail(OSError(28, "No space left on device"))
+        with pytest.raises(RecordingFailed):
+            recorder.output_nowait(b"x")
+        await recorder.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
 async def test_shutdown_finishes_open_recordings(tmp_path: Path) -> None:
     writer = RecordingWriter(tmp_path, flush_interval_s=3600)
     async with trio.open_nursery() as nursery:

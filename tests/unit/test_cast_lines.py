@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from podterm.recording import castesc
+from podterm.recording import writer as writer_module
 from podterm.recording.asciicast import CastEncoder, Header, parse
+from podterm.recording.recorder import CastRecord
 from podterm.recording.writer import CastLines, escape_json_utf8
+
+#: The implementation the writer uses (native when built).
+LineBuffer = castesc.load(castesc.IMPL).line_buffer
 
 HEADER = Header(width=80, height=24)
 
 
 def _lines(enc: CastLines, kind: str, t: float, data: bytes) -> bytes:
-    out: list[bytes] = []
+    out = LineBuffer()
     (enc.output if kind == "o" else enc.input)(t, data, out)
-    return b"".join(out)
+    return out.getvalue()
 
 
 def _reference(enc: CastEncoder, kind: str, t: float, data: bytes) -> bytes:
@@ -83,12 +91,13 @@ def test_a_split_character_is_carried_to_the_next_chunk() -> None:
 
 def test_a_recording_of_fast_lines_parses() -> None:
     enc = CastLines(HEADER)
-    out = [enc.header_line()]
+    out = LineBuffer()
+    out.raw(enc.header_line())
     enc.output(0.1, b'\x1b[1m"bold"\x1b[0m\r\n', out)
     enc.input(0.2, b"ls\r", out)
-    out.append(enc.resize(0.3, 100, 30))
+    out.raw(enc.resize(0.3, 100, 30))
     enc.output(0.25, "naïve\n".encode(), out)  # a time that goes back is raised to the last one
-    header, events = parse(b"".join(out))
+    header, events = parse(out.getvalue())
     assert header.width == 80
     assert [(e.time, e.code, e.data) for e in events] == [
         (0.1, "o", '\x1b[1m"bold"\x1b[0m\r\n'), (0.2, "i", "ls\r"), (0.3, "r", "100x30"),
@@ -98,7 +107,7 @@ def test_a_recording_of_fast_lines_parses() -> None:
 @pytest.mark.parametrize("t", [float("nan"), float("inf")])
 def test_bad_times_are_refused(t: float) -> None:
     with pytest.raises(ValueError, match="finite number"):
-        CastLines(HEADER).output(t, b"x", [])
+        CastLines(HEADER).output(t, b"x", LineBuffer())
     with pytest.raises(ValueError, match="finite number"):
         CastEncoder(HEADER).output(t, b"x")
 
@@ -107,3 +116,55 @@ def test_a_time_before_the_last_is_raised_to_it() -> None:
     enc = CastLines(HEADER)
     assert _lines(enc, "o", 2.0, b"a") == b'[2.0,"o","a"]\n'
     assert _lines(enc, "i", -1.0, b"b") == b'[2.0,"i","b"]\n'
+
+
+def test_writev_all_writes_every_part_in_order_through_short_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:
+        # Like a write cut short by a signal or a quota: at most 7 bytes, and
+        # never more buffers than IOV_MAX.
+        assert len(buffers) <= castesc.IOV_MAX
+        calls.append(len(buffers))
+        return real_writev(fd, [b"".join(bytes(b) for b in buffers)[:7]])
+
+    monkeypatch.setattr(castesc.os, "writev", short_writev)
+    parts = [b"%d," % i for i in range(castesc.IOV_MAX + 50)] + [b"", b"end"]
+    expected = b"".join(parts)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        assert castesc.writev_all(fd, parts) == len(expected)
+    finally:
+        os.close(fd)
+    assert parts == []  # handed over
+    assert (tmp_path / "out").read_bytes() == expected
+    assert max(calls) == castesc.IOV_MAX and len(calls) == -(-len(expected) // 7)
+
+
+def test_a_batch_is_judged_in_one_call_and_written_as_castencoder_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    scan_many = writer_module._scan_many
+
+    def counting(chunks: list[bytes]) -> list[int]:
+        seen.append(len(chunks))
+        return scan_many(chunks)
+
+    monkeypatch.setattr(writer_module, "_scan_many", counting)
+    files = writer_module._Files(tmp_path, max_open=4, fsync_on_close=False, mode=0o600)
+    chunks = [b'say "hi"\r\n', "✓".encode()[:1], "✓".encode()[1:] + b"\\", b"\xff!",
+              b"x" * 5000 + b"\x1b[0m"]
+    batch = [CastRecord("s", "h", 0.0, b"", HEADER)]
+    batch += [CastRecord("s", "o" if i % 2 else "i", 0.1 * i, c) for i, c in enumerate(chunks)]
+    batch += [CastRecord("s", "r", 1.0, b"100x30"), CastRecord("s", "c", 1.5, b"")]
+    files.write(batch)
+    assert seen == [len(batch)]
+    reference = CastEncoder(HEADER)
+    expected = reference.header_line()
+    for i, c in enumerate(chunks):
+        expected += (reference.output if i % 2 else reference.input)(0.1 * i, c)
+    expected += reference.resize(1.0, 100, 30) + reference.finish(1.5)
+    assert (tmp_path / "s.cast").read_bytes() == expected
+    assert files.bytes_written == len(expected) and files.finished == ["s"]

@@ -1,9 +1,10 @@
 """A session's recorder: its output, input and resizes into the recording batcher.
 
 A :class:`Recorder` belongs to one session.  The session's output pump calls
-``await recorder.output(data)`` for every chunk it reads from the upstream,
-its input path ``await recorder.input(data)``, and ``recorder.resize(c, r)``
-on every size change; ``await recorder.aclose()`` when it ends.  The
+``recorder.output_nowait(data)`` for every chunk it reads from the upstream
+(``await recorder.output(data)`` when that finds no room), its input path
+``await recorder.input(data)``, and ``recorder.resize(c, r)`` on every size
+change; ``await recorder.aclose()`` when it ends.  The
 recorder stamps each event with its clock and hands it to the recording
 :class:`~podterm.batcher.Batcher`: no encoding and no I/O here (the writer
 thread turns records into asciicast lines, :mod:`podterm.recording.writer`).
@@ -227,6 +228,36 @@ class Recorder:
             return
         self.bytes_out += len(data)
         await self._submit(CastRecord(self.session_id, "o", self._now(), bytes(data)))
+
+    def output_nowait(self, data: bytes) -> bool:
+        """Record output bytes if the recording buffer has room now; never blocks.
+
+        The output pump's fast path: ``if not recorder.output_nowait(data):
+        await recorder.output(data)``.  It saves the pump a trip through the
+        scheduler per chunk (its upstream read has just been one), which at
+        bulk rates is a measurable share of the relay (docs/benchmarks.md,
+        "Recording cost").
+
+        Returns:
+            True when the chunk is recorded (or empty); False when nothing was
+            recorded because the buffer has no room, other producers are
+            waiting for room, or a held resize must go first: then ``await
+            output(data)``, which waits its turn.
+
+        Raises:
+            RecordingFailed, trio.ClosedResourceError: as :meth:`output`.
+        """
+        self._check()
+        if not data:
+            return True
+        batcher = self._batcher
+        if self._pending_resize is not None or not batcher.has_room(
+                len(data) + RECORD_OVERHEAD_BYTES):
+            return False
+        batcher.submit_nowait(CastRecord(self.session_id, "o", self._now(), bytes(data)))
+        self.bytes_out += len(data)
+        self.events += 1
+        return True
 
     async def input(self, data: bytes) -> None:
         """Record input bytes when ``record_input`` is on; otherwise only count them.

@@ -5,20 +5,24 @@ One :class:`RecordingWriter` serves every session of a gateway process.  Its
 data) collects the :class:`~podterm.recording.recorder.CastRecord` entries
 of all recorders; each batch goes to a worker thread that encodes them into
 asciicast lines (:class:`CastLines`) and appends each session's lines to
-``<dir>/<session id>.cast`` with one ``write`` per file per batch.
+``<dir>/<session id>.cast`` with one ``write`` loop per file per batch.
 
-Encoding cost: the worker thread holds the GIL while it encodes, and the event
-loop waits for the GIL meanwhile, so bytes per second of encoding is what a
-recording costs the relay (docs/benchmarks.md measured 44% of bulk
-throughput with ``json.dumps`` per chunk, ~400 MB/s).  :class:`CastLines`
-writes the same bytes as :class:`~podterm.recording.asciicast.CastEncoder`
-(``json.dumps(ensure_ascii=False)``), but a chunk that is ASCII, or complete
-valid UTF-8, is escaped bytes to bytes (``bytes.replace`` for ``\\``, ``"``
-and each control character present; UTF-8 needs nothing else escaped) with no
-``str`` decode and no JSON encoder, several times faster; only a chunk that
-splits a character or holds invalid bytes goes through the incremental
-decoder (carrying the split sequence over) and ``json.dumps``.  A line is kept
-as its parts (prefix, escaped data, suffix) and joined once per file per batch.
+Encoding cost: whatever the worker thread does while holding the GIL, the
+event loop (the relay) waits for, so the bytes are handled without it.
+:class:`CastLines` writes the same bytes as
+:class:`~podterm.recording.asciicast.CastEncoder` (``json.dumps(ensure_ascii=
+False)``), but a chunk that is complete, valid UTF-8 is escaped bytes to bytes
+with no ``str`` decode and no JSON encoder: per batch, ``scan_many`` judges
+every chunk at once (valid UTF-8? how many bytes do its escapes add?), each
+file's lines collect in a ``LineBuffer`` (line openings, chunks to escape,
+line ends; references, no copies), and ``LineBuffer.write_to`` escapes them
+into a reused scratch buffer and writes it, one ``write`` loop per file per
+batch.  The compiled ``podterm._native.castesc`` does both with the GIL
+released (twice per batch, whatever the number of chunks); its pure-Python
+twin :mod:`podterm.recording.castesc` is the fallback and the oracle.  Only
+a chunk that splits a character or holds invalid bytes goes through the
+incremental decoder (carrying the split sequence over) and ``json.dumps``.
+docs/benchmarks.md ("Recording cost") has the measurements.
 
 Descriptors: a gateway may hold 9,000 sessions in a 20,000-descriptor process
 (config.LimitsConfig), so the writer keeps at most ``max_open_files`` files
@@ -46,7 +50,6 @@ another session's file, and holds what was typed at the terminal.
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import math
 import os
@@ -65,7 +68,10 @@ from podterm.batcher import (
     BatcherStatistics,
     FullPolicy,
 )
+from podterm.protocol._types import Buffer
+from podterm.recording import castesc
 from podterm.recording.asciicast import Header, encode_event
+from podterm.recording.castesc import LineBuffer
 from podterm.recording.recorder import CastRecord, Recorder, record_weight
 
 __all__ = ["CastLines", "RecordingWriter", "RecordingWriterStatistics", "cast_path",
@@ -76,8 +82,10 @@ log = logging.getLogger(__name__)
 #: 16 MiB of pending recording data per process: ~1.6 s of a full-speed `cat`
 #: from 100 sessions at 100 KiB/s each; beyond it recorders wait (backpressure).
 DEFAULT_CAPACITY_BYTES = 16 * 1024 * 1024
-#: 1 MiB per batch: one write per file per batch, and a bounded thread hop.
-DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+#: 4 MiB per batch: one write per file per batch, and one thread hop (~40 us of
+#: the event loop's time here) per 4 MiB of bulk output rather than per 1 MiB;
+#: a quarter of the capacity, so producers keep room while a batch is written.
+DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: 0.1 s: terminal output arrives in small chunks (a PTY read is often < 100 B);
 #: coalescing for a tenth of a second turns thousands of tiny writes into a few,
 #: at no cost to a recording's content or timing (each event keeps its time).
@@ -177,62 +185,13 @@ class RecordingWriterStatistics:
 
 # --------------------------------------------------------------- encoding
 
-#: ``bytes.translate(None, _NOT_CONTROL)`` keeps only the C0 control bytes.
-_NOT_CONTROL = bytes(range(0x20, 0x100))
-#: How json.dumps writes each C0 control character inside a string.
-_CONTROLS: tuple[tuple[bytes, bytes], ...] = tuple(
-    (bytes((c,)), {0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f",
-                   0x0D: b"\\r"}.get(c, b"\\u%04x" % c))
-    for c in range(0x20))
-#: Above one control character in 16 bytes, or more than 4 kinds of them, the
-#: JSON encoder's single pass (~450 MB/s here) is cheaper than one
-#: ``bytes.replace`` pass (~1.5-2 GB/s) per kind (measured on this machine:
-#: a build log, 3% controls, 1,000 MB/s by replaces against 475 by json.dumps;
-#: ``ls --color``, 20%, 257 against 463).
-_DENSE = 16
-_MAX_KINDS = 4
-#: The density is judged on this much of a long chunk first.
-_SAMPLE_BYTES = 4096
-
-
-def escape_json_utf8(data: bytes) -> bytes | None:
-    """``data`` as the inside of a JSON string, bytes in, bytes out; None if not UTF-8.
-
-    The same bytes ``json.dumps(data.decode(), ensure_ascii=False)`` writes
-    between its quotes: ``\\`` and ``"`` escaped, C0 controls as ``\\n``,
-    ``\\r``, ``\\t``, ``\\b``, ``\\f`` or ``\\u00XX``; everything else (DEL
-    and every byte of a multi-byte character) as it is.
-
-    Returns:
-        None when ``data`` is not complete, valid UTF-8 (invalid bytes, or a
-        character split at its end): the caller decodes it incrementally.
-    """
-    text = None
-    if not data.isascii():
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    # Judge a long chunk on a sample first: a dense one then costs no extra full pass.
-    dense = len(data) > 2 * _SAMPLE_BYTES and \
-        len(data[:_SAMPLE_BYTES].translate(None, _NOT_CONTROL)) * _DENSE > _SAMPLE_BYTES
-    kinds: list[tuple[bytes, bytes]] = []
-    if not dense:
-        controls = data.translate(None, _NOT_CONTROL)
-        dense = len(controls) * _DENSE > len(data)
-        if controls and not dense:
-            kinds = [pair for pair in _CONTROLS if pair[0] in controls]
-            dense = len(kinds) > _MAX_KINDS
-    if dense:
-        # Escapes everywhere (colour codes, line ends): one pass of the JSON
-        # encoder beats a bytes.replace pass per kind of character.
-        if text is None:
-            text = data.decode("ascii")
-        return json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
-    out = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-    for raw, escaped in kinds:
-        out = out.replace(raw, escaped)
-    return out
+#: The compiled escaper (JSON escaping and the file write with the GIL
+#: released), unless it is not built: castesc.IMPL says which, and why.
+_ESCAPER = castesc.load(castesc.IMPL)
+#: ``data`` as the inside of a JSON string, or None if it is not complete UTF-8.
+escape_json_utf8: Callable[[Buffer], bytes | None] = _ESCAPER.escape_json_utf8
+_scan_many = _ESCAPER.scan_many
+_LineBuffer = _ESCAPER.line_buffer
 
 
 class CastLines:
@@ -241,8 +200,9 @@ class CastLines:
 
     Not thread-safe; one per recording.  Times are made non-decreasing and
     rounded to microseconds as ``CastEncoder`` does.  ``output`` and ``input``
-    append a line's parts to ``out`` (join them to get the line) and append
-    nothing for a chunk that only began a character.
+    append a line's parts to ``out`` (a :class:`~podterm.recording.castesc.LineBuffer`:
+    ``out.getvalue()`` is the line) and append nothing for a chunk that only
+    began a character.
 
     Args:
         header: the recording's header.
@@ -274,33 +234,46 @@ class CastLines:
         self._last = t
         return round(t, 6)  # microseconds, as asciicast.encode_event writes them
 
-    def output(self, t: float, data: bytes, out: list[bytes]) -> None:
-        """Append an ``"o"`` line for ``data`` to ``out`` (or nothing, see the class)."""
+    def output(self, t: float, data: bytes, out: LineBuffer, extra: int | None = None) -> None:
+        """Append an ``"o"`` line for ``data`` to ``out`` (or nothing, see the class).
+
+        ``extra`` is ``scan_many([data])[0]`` when the caller has it already
+        (the writer judges a whole batch at once).
+        """
         if not data:
             return
         if not self._out_carry:
-            escaped = escape_json_utf8(data)
-            if escaped is not None:
-                out += (b'[%a,"o","' % self._at(t), escaped, b'"]\n')
+            if extra is None:
+                extra = _scan_many((data,))[0]
+            if extra >= 0:
+                out.raw(b'[%a,"o","' % self._at(t))
+                out.escaped(data, extra)
+                out.raw(b'"]\n')
                 return
         text = self._out.decode(data)
         self._out_carry = bool(self._out.getstate()[0])
         if text:
-            out.append(encode_event(self._at(t), "o", text))
+            out.raw(encode_event(self._at(t), "o", text))
 
-    def input(self, t: float, data: bytes, out: list[bytes]) -> None:
-        """Append an ``"i"`` line for ``data`` to ``out`` (or nothing, see the class)."""
+    def input(self, t: float, data: bytes, out: LineBuffer, extra: int | None = None) -> None:
+        """Append an ``"i"`` line for ``data`` to ``out`` (or nothing, see the class).
+
+        ``extra``: as :meth:`output`'s.
+        """
         if not data:
             return
         if not self._in_carry:
-            escaped = escape_json_utf8(data)
-            if escaped is not None:
-                out += (b'[%a,"i","' % self._at(t), escaped, b'"]\n')
+            if extra is None:
+                extra = _scan_many((data,))[0]
+            if extra >= 0:
+                out.raw(b'[%a,"i","' % self._at(t))
+                out.escaped(data, extra)
+                out.raw(b'"]\n')
                 return
         text = self._in.decode(data)
         self._in_carry = bool(self._in.getstate()[0])
         if text:
-            out.append(encode_event(self._at(t), "i", text))
+            out.raw(encode_event(self._at(t), "i", text))
 
     def marker(self, t: float, label: str) -> bytes:
         """An ``"m"`` (marker) line."""
@@ -328,12 +301,6 @@ class CastLines:
 # ------------------------------------------------------------------ files
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class _CastFile:
     __slots__ = ("session_id", "path", "encoder", "fd", "created", "pending", "closing",
                  "failed")
@@ -344,7 +311,7 @@ class _CastFile:
         self.encoder = encoder
         self.fd: int | None = None
         self.created = False
-        self.pending: list[bytes] = []
+        self.pending: LineBuffer = _LineBuffer()
         self.closing = False
         self.failed = False
 
@@ -368,6 +335,8 @@ class _Files:
         self.failures_total = 0
         self.discarded = 0
         self.bytes_written = 0
+        # What the native LineBuffer renders into before each write (reused).
+        self.scratch = _ESCAPER.scratch()
 
     def _fd(self, f: _CastFile) -> int:
         if f.fd is not None:
@@ -410,7 +379,11 @@ class _Files:
     def write(self, batch: list[CastRecord]) -> None:
         """Encode and append a batch; per-file errors fail only that recording."""
         touched: dict[str, _CastFile] = {}
-        for rec in batch:
+        # Every chunk of the batch judged in one call (valid UTF-8? how long
+        # escaped?): natively, with the GIL released once for the whole batch.
+        extras = _scan_many([rec.data if rec.kind == "o" or rec.kind == "i" else b""
+                             for rec in batch])
+        for rec, extra in zip(batch, extras, strict=True):
             f = self.files.get(rec.session_id)
             kind = rec.kind
             if kind == "h":
@@ -418,7 +391,7 @@ class _Files:
                 f = _CastFile(rec.session_id, cast_path(self.directory, rec.session_id),
                               CastLines(rec.header))
                 self.files[rec.session_id] = f
-                f.pending.append(f.encoder.header_line())
+                f.pending.raw(f.encoder.header_line())
             elif f is None:
                 self.discarded += 1  # a session whose header never arrived: a bug upstream
                 continue
@@ -430,29 +403,25 @@ class _Files:
                     self.discarded += 1
                 continue
             elif kind == "o":
-                f.encoder.output(rec.t, rec.data, f.pending)
+                f.encoder.output(rec.t, rec.data, f.pending, extra)
             elif kind == "i":
-                f.encoder.input(rec.t, rec.data, f.pending)
+                f.encoder.input(rec.t, rec.data, f.pending, extra)
             elif kind == "m":
-                f.pending.append(f.encoder.marker(rec.t, rec.data.decode("utf-8", "replace")))
+                f.pending.raw(f.encoder.marker(rec.t, rec.data.decode("utf-8", "replace")))
             elif kind == "r":
                 cols, _, rows = rec.data.partition(b"x")
-                f.pending.append(f.encoder.resize(rec.t, int(cols), int(rows)))
+                f.pending.raw(f.encoder.resize(rec.t, int(cols), int(rows)))
             elif kind == "c":
-                tail = f.encoder.finish(rec.t)
-                if tail:
-                    f.pending.append(tail)
+                f.pending.raw(f.encoder.finish(rec.t))
                 f.closing = True
             touched[rec.session_id] = f
         for f in touched.values():
             if f.failed:
                 continue
             try:
-                if f.pending:
-                    data = b"".join(f.pending)
-                    f.pending.clear()
-                    _write_all(self._fd(f), data)
-                    self.bytes_written += len(data)
+                if len(f.pending):
+                    # Escaped and written with the GIL released (native LineBuffer).
+                    self.bytes_written += f.pending.write_to(self._fd(f), self.scratch)
                 if f.closing:
                     if f.fd is not None and self.fsync_on_close:
                         os.fsync(f.fd)
@@ -468,11 +437,9 @@ class _Files:
         for f in list(self.files.values()):
             try:
                 if not f.failed:
-                    data = b"".join(f.pending) + f.encoder.finish(f.encoder.last_time)
-                    f.pending.clear()
-                    if data:
-                        _write_all(self._fd(f), data)
-                        self.bytes_written += len(data)
+                    f.pending.raw(f.encoder.finish(f.encoder.last_time))
+                    if len(f.pending):
+                        self.bytes_written += f.pending.write_to(self._fd(f), self.scratch)
                     if f.fd is not None and self.fsync_on_close:
                         os.fsync(f.fd)
             except OSError as exc:
