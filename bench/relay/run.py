@@ -32,6 +32,10 @@ trio-websocket, so the servers are what differs.  Rounds are interleaved
 CPU time, so rates are also given per server CPU-second: on a shared 2-core
 machine that figure is the steadier one.
 
+``--variants`` adds podterm gateways beside the plain one: ``rec`` (recording
+and audit log on), ``tls``, ``win`` (a 1 MiB flow-control window instead of
+256 KiB: what the window costs when the ACK round trip is slow).
+
 ``--profile`` then runs podterm once more per workload under
 ``py-spy record`` (pip install py-spy) and prints where the gateway's CPU
 time goes (self time by function, inclusive time by function).
@@ -572,7 +576,7 @@ def summarize(samples: dict[str, dict[str, list[Sample]]]) -> dict[str, Any]:
     return out
 
 
-VARIANT_NAMES = ("podterm", "podterm+rec", "podterm+tls")
+VARIANT_NAMES = ("podterm", "podterm+rec", "podterm+tls", "podterm+win")
 
 
 def variant_overheads(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -581,7 +585,7 @@ def variant_overheads(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for workload in ("bulk", "small"):
         by_name = summary.get(workload, {})
         plain = by_name.get("podterm")
-        for variant in ("podterm+rec", "podterm+tls"):
+        for variant in ("podterm+rec", "podterm+tls", "podterm+win"):
             r = by_name.get(variant)
             if not plain or not r:
                 continue
@@ -703,7 +707,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--profile", action="store_true", help="py-spy the gateway afterwards")
     p.add_argument("--variants", default="rec,tls",
                    help="podterm variants beside the plain gateway: rec (recording + audit "
-                        "log on), tls (TLS); comma-separated, or 'none' (default rec,tls)")
+                        "log on), tls (TLS), win (a 1 MiB flow-control window); "
+                        "comma-separated, or 'none' (default rec,tls)")
     p.add_argument("--window", help="gateway flow-control window, e.g. 1MiB "
                    "(PODTERM_WINDOW_BYTES; the ring grows to match); default: the gateway's")
     p.add_argument("--tiny", action="store_true",
@@ -773,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
                     args=[*args, "--tls-cert", str(tls.cert_file), "--tls-key",
                           str(tls.key_file)], workdir=workdir / "podterm-tls", env=gw_env),
                     ssl_context=tls.client_context)
+        if "win" in cfg.variants:
+            # The plain gateway with a 1 MiB window (= its ring): what the
+            # window costs a bulk stream when the ACK round trip is slow.
+            win_env = {**gw_env, "PODTERM_WINDOW_BYTES": "1MiB", "PODTERM_RING_BYTES": "1MiB"}
+            pts["podterm+win"] = Podterm("podterm+win", C.start_gateway(
+                args=args, workdir=workdir / "podterm-win", env=win_env))
         servers = start_baselines(workdir, specs)
         raw = trio.run(run_all, cfg, pts, servers, bulk_path, workdir)
     finally:

@@ -529,6 +529,55 @@ async def test_large_output_arrives_complete_and_in_order_in_batches(tty: bool) 
         await aclose(stream)
 
 
+@trio_test
+async def test_a_pipe_that_comes_back_full_is_grown_and_read_in_bulk(tmp_path: Path) -> None:
+    import fcntl
+
+    data = bytes(range(256)) * 1024  # 256 KiB
+    path = tmp_path / "bulk.bin"
+    path.write_bytes(data)
+    # stderr says when stdout holds what was written: 64 KiB (a full default
+    # pipe), then, once we say go, 200,000 bytes in one go.
+    script = (f"head -c 65536 {path}; echo a >&2; read x; "
+              f"head -c 200000 {path}; echo b >&2")
+    stream = await LocalUpstream().open(sh(script, tty=False))
+    out_fd, err_fd = stream._stdout_fd, stream._stderr_fd
+    assert out_fd is not None and err_fd is not None
+    try:
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(err_fd)
+            channel, first = await stream.receive_some(1 << 20)
+            assert (channel, len(first)) == (OutputChannel.STDOUT, 65536)  # came back full
+            assert fcntl.fcntl(out_fd, fcntl.F_GETPIPE_SZ) == local.BULK_PIPE_BYTES
+            assert await stream.receive_some(1 << 20) == (OutputChannel.STDERR, b"a\n")
+            await stream.send_stdin(b"go\n")
+            await trio.lowlevel.wait_readable(err_fd)
+            channel, second = await stream.receive_some(1 << 20)
+            assert (channel, len(second)) == (OutputChannel.STDOUT, 200000)  # one read
+            assert second == data[:200000] and first == data[:65536]
+            rest = await read_all(stream)
+        assert rest == {OutputChannel.STDOUT: b"", OutputChannel.STDERR: b"b\n"}
+    finally:
+        await aclose(stream)
+
+
+@trio_test
+async def test_a_pipe_read_never_exceeds_what_the_session_asked() -> None:
+    stream = await LocalUpstream().open(StreamSpec(command=("seq", "1", "100000"), tty=False))
+    chunks: list[bytes] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            while True:
+                channel, chunk = await stream.receive_some(1000)
+                if channel == OutputChannel.EOF:
+                    break
+                assert 0 < len(chunk) <= 1000
+                chunks.append(chunk)
+        assert b"".join(chunks) == b"".join(b"%d\n" % i for i in range(1, 100001))
+    finally:
+        await aclose(stream)
+
+
 # -- environment, cwd, context -------------------------------------------------
 
 

@@ -6,9 +6,11 @@ import itertools
 import socket
 
 import trio
+import trio.testing
 
 from podterm.errors import LocalProtocolError
-from podterm.net.wsconn import WebSocketStream
+from podterm.net.wsconn import IOV_BATCH, WebSocketStream
+from podterm.protocol._types import Buffer
 from podterm.protocol.websocket import Role, WebSocketConnection
 from podterm.upstream.base import OutputChannel, StreamSpec
 from podterm.upstream.local import LocalUpstream
@@ -82,6 +84,100 @@ def test_send_batch_reports_a_peer_that_stopped_reading() -> None:
         assert not server.can_send_nowait()  # broken: no more frames on this stream
         await server.abort()
         await client.abort()
+
+    async def bounded() -> None:
+        with trio.fail_after(TIMEOUT):
+            await main()
+
+    trio.run(bounded)
+
+
+def _frames_as_parts(conn: WebSocketConnection, payloads: list[bytes]) -> list[Buffer]:
+    """Each payload as its encoded header, then views of the payload: what the relay sends."""
+    parts: list[Buffer] = []
+    for payload in payloads:
+        frame = conn.send_binary(payload, b"\x01")
+        head = len(frame) - len(payload)
+        parts.append(frame[:head])
+        view = memoryview(payload)
+        parts += [view[: len(payload) // 3], view[len(payload) // 3 :]]
+    return parts
+
+
+def test_send_batch_of_buffers_is_gathered_exactly_across_partial_writes() -> None:
+    async def main() -> None:
+        server, client = _pair(sndbuf=4096)
+        # More buffers than one writev takes, and more bytes than the socket
+        # takes at once: partial writes land inside headers and views alike.
+        payloads = [bytes([i]) * (1 + i * 997 % 9000) for i in range(IOV_BATCH)]
+        parts = _frames_as_parts(server.conn, payloads)
+        assert len(parts) > IOV_BATCH
+        async with trio.open_nursery() as nursery:
+            results: list[list[bytes]] = []
+
+            async def read() -> None:
+                results.append(await _read_payloads(client, len(payloads)))
+
+            nursery.start_soon(read)
+            assert await server.send_batch(parts, stall_s=5) is True
+        assert results[0] == [b"\x01" + p for p in payloads]
+        await server.abort()
+        await client.abort()
+
+    async def bounded() -> None:
+        with trio.fail_after(TIMEOUT):
+            await main()
+
+    trio.run(bounded)
+
+
+def test_send_nowait_of_buffers_keeps_the_rest_as_views_first_in_line() -> None:
+    async def main() -> None:
+        server, client = _pair(sndbuf=4096)
+        payloads = [bytes(range(256)) * 100, b"y" * 30000, b"z" * 5]
+        parts = _frames_as_parts(server.conn, payloads)
+        assert server.send_nowait(parts) is False  # partly written
+        assert server.has_pending_out
+        async with trio.open_nursery() as nursery:
+            results: list[list[bytes]] = []
+
+            async def read() -> None:
+                results.append(await _read_payloads(client, 4))
+
+            nursery.start_soon(read)
+            last = server.conn.send_binary(b"after", b"\x01")
+            assert await server.send_batch([last], stall_s=5) is True
+        assert not server.has_pending_out
+        assert results[0] == [b"\x01" + p for p in [*payloads, b"after"]]
+        await server.abort()
+        await client.abort()
+
+    async def bounded() -> None:
+        with trio.fail_after(TIMEOUT):
+            await main()
+
+    trio.run(bounded)
+
+
+def test_send_batch_of_buffers_on_a_non_socket_stream_is_joined() -> None:
+    async def main() -> None:
+        a, b = trio.testing.memory_stream_pair()
+        keys = itertools.cycle([b"\x01\x02\x03\x04"])
+        server = WebSocketStream(a, WebSocketConnection(Role.SERVER))
+        client = WebSocketStream(b, WebSocketConnection(
+            Role.CLIENT, mask_key_source=lambda: next(keys)))
+        payloads = [b"a" * 70000, b"b" * 3]
+        assert not server.can_send_nowait()  # TLS and test streams: the waiting path only
+        async with trio.open_nursery() as nursery:
+            results: list[list[bytes]] = []
+
+            async def read() -> None:
+                results.append(await _read_payloads(client, 2))
+
+            nursery.start_soon(read)
+            parts = _frames_as_parts(server.conn, payloads)
+            assert await server.send_batch(parts, stall_s=5) is True
+        assert results[0] == [b"\x01" + p for p in payloads]
 
     async def bounded() -> None:
         with trio.fail_after(TIMEOUT):

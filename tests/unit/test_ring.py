@@ -1,4 +1,4 @@
-"""OutputRing: absolute offsets, newest bytes kept, Gap below start, memory in chunks."""
+"""OutputRing: absolute offsets, newest bytes kept, Gap below start, memory in segments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from podterm.session.ring import Gap, OutputRing, RingStatistics
+from podterm.session.ring import MAX_SEGMENT_BYTES, Gap, OutputRing, RingStatistics
 
 
 def test_empty_ring_allocates_nothing() -> None:
@@ -107,8 +107,9 @@ def test_statistics_is_a_frozen_snapshot() -> None:
     ring = OutputRing(capacity_bytes=8, chunk_bytes=4)
     ring.append(b"0123456789")
     stats = ring.statistics()
+    # The last 8 bytes, kept as one segment (a ring's segments never exceed its capacity).
     assert stats == RingStatistics(start=2, end=10, held_bytes=8, trimmed_bytes=2, capacity_bytes=8,
-                                   chunk_bytes=4, chunks=3, nbytes_allocated=12)
+                                   chunk_bytes=4, chunks=1, nbytes_allocated=8)
     ring.append(b"x")
     assert stats.end == 10
     with pytest.raises(AttributeError):
@@ -182,18 +183,20 @@ class RingMachine(RuleBasedStateMachine):
             self.model_start, self.total, len(self.tail))
 
     @invariant()
-    def memory_grows_in_chunks_and_stays_bounded(self) -> None:
-        allocated = self.ring.nbytes_allocated
-        assert allocated % self.chunk == 0
-        assert allocated <= self.capacity + self.chunk
-        # Only chunks that hold something: the held span touches at most this many.
+    def memory_stays_bounded(self) -> None:
+        ring = self.ring
+        # A ring's largest segment is its capacity here (capacities are tiny).
+        largest = max(self.chunk, self.capacity)
         held = len(self.tail)
+        assert ring.allocated_bytes <= ring.nbytes_allocated <= ring.allocated_bytes + self.chunk
         if held == 0:
-            assert allocated <= self.chunk
+            assert ring.nbytes_allocated == 0
         else:
-            first = self.model_start // self.chunk
-            last = (self.total - 1) // self.chunk
-            assert allocated <= (last - first + 1) * self.chunk
+            # Only the oldest segment may still hold bytes below start.
+            assert held <= ring.allocated_bytes < held + largest
+            # The growing bytearray counts whole for the metrics.
+            assert ring.nbytes_allocated < self.capacity + largest + self.chunk
+        assert ring.statistics().chunks <= 2 * (held // self.chunk + 1) + 1
 
 
 RingMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
@@ -233,12 +236,65 @@ def test_thousand_idle_rings_with_a_prompt_cost_under_400_bytes_each() -> None:
     assert per_ring < 400, per_ring
 
 
-def test_storage_stays_within_held_plus_one_chunk_and_released_chunks_go() -> None:
+def test_storage_stays_within_held_plus_one_segment_and_dropped_segments_go() -> None:
     ring = OutputRing(capacity_bytes=64 * 1024, chunk_bytes=4096)
     for i in range(3000):
         ring.append(bytes([i % 256]) * (1 + (i * 7919) % 9000))
-        assert ring.allocated_bytes <= len(ring) + 4096
-        assert ring.statistics().chunks <= 64 * 1024 // 4096 + 1
+        # Only the oldest segment (at most 9000 bytes here) holds bytes below start.
+        assert len(ring) <= ring.allocated_bytes < len(ring) + 9000
+        # Small output is gathered: a segment under a chunk is always followed
+        # by one of a chunk or more, so segments stay few.
+        assert ring.statistics().chunks <= 2 * (64 * 1024 // 4096 + 1) + 1
+
+
+def test_a_bulk_read_is_kept_as_it_came_no_copy() -> None:
+    ring = OutputRing(capacity_bytes=1 << 20, chunk_bytes=4096)
+    read = bytes(range(256)) * 256  # 64 KiB: one pipe read
+    ring.append(b"$ ")
+    ring.append(read)
+    views = ring.views_from(2, 32768)
+    assert isinstance(views, list) and len(views) == 1
+    assert views[0].obj is read and views[0].readonly
+    assert ring.read_from(2, len(read)) is read
+    assert ring.views_from(0, 10) == [memoryview(b"$ "), memoryview(read[:8])]
+    assert ring.allocated_bytes == 2 + len(read)
+
+
+def test_huge_appends_are_copied_into_bounded_segments() -> None:
+    ring = OutputRing(capacity_bytes=1 << 20, chunk_bytes=4096)
+    data = bytes(range(256)) * 1024 * 3  # 768 KiB in one append
+    ring.append(data)
+    assert ring.statistics().chunks == len(data) // MAX_SEGMENT_BYTES
+    views = ring.views_from(0, len(data))
+    assert isinstance(views, list)
+    assert all(v.obj is not data and len(v) == MAX_SEGMENT_BYTES for v in views)
+    assert b"".join(views) == data
+    # Trimming drops whole segments: one byte past capacity frees the first one.
+    ring.append(b"y" * (1 << 18))
+    ring.append(b"z")
+    assert ring.start == len(data) + (1 << 18) + 1 - (1 << 20)
+    assert len(ring) <= ring.allocated_bytes < len(ring) + MAX_SEGMENT_BYTES
+
+
+def test_large_mutable_buffers_are_copied() -> None:
+    ring = OutputRing(capacity_bytes=1 << 20, chunk_bytes=4096)
+    buf = bytearray(b"a" * 10000)
+    ring.append(buf)
+    ring.append(memoryview(buf)[:5000])
+    buf[:] = b"b" * 10000
+    assert ring.read_from(0, 1 << 20) == b"a" * 15000
+
+
+def test_small_output_after_a_bulk_read_starts_a_new_gathering_segment() -> None:
+    ring = OutputRing(capacity_bytes=1 << 16, chunk_bytes=4096)
+    ring.append(b"p" * 100)
+    ring.append(b"B" * 8192)
+    for _ in range(100):
+        ring.append(b"e")
+    assert ring.statistics().chunks == 3
+    assert ring.nbytes_allocated == 100 + 8192 + 4096
+    assert ring.allocated_bytes == 100 + 8192 + 100
+    assert ring.read_from(0, 1 << 16) == b"p" * 100 + b"B" * 8192 + b"e" * 100
 
 
 def test_views_share_the_chunks_and_copy_nothing() -> None:
@@ -246,11 +302,19 @@ def test_views_share_the_chunks_and_copy_nothing() -> None:
     ring.append(b"abcdefghij")
     views = ring.views_from(2, 100)
     assert isinstance(views, list)
-    assert [bytes(v) for v in views] == [b"cd", b"efgh", b"ij"]
-    assert all(v.readonly and isinstance(v.obj, bytearray) for v in views)
+    # 10 bytes at once (more than a chunk): one segment, the appended object itself.
+    assert [bytes(v) for v in views] == [b"cdefghij"]
+    assert all(v.readonly and isinstance(v.obj, bytes) for v in views)
     assert b"".join(views) == ring.read_from(2, 100)
-    assert ring.views_from(3, 3) == [memoryview(b"d"), memoryview(b"ef")]
+    assert ring.views_from(3, 3) == [memoryview(b"def")]
     assert ring.views_from(10) == []
+    ring.append(b"k")
+    ring.append(b"lm")  # small output: gathered in bytearrays of at most a chunk
+    ring.append(b"nop")
+    views = ring.views_from(8, 100)
+    assert isinstance(views, list)
+    assert [bytes(v) for v in views] == [b"ij", b"klmn", b"op"]
+    assert all(v.readonly for v in views) and isinstance(views[1].obj, bytearray)
 
 
 def test_views_below_start_are_a_gap_and_beyond_end_an_error() -> None:
@@ -274,7 +338,7 @@ def test_views_keep_their_bytes_while_the_ring_moves_on() -> None:
     assert ring.read_from(ring.start) == (b"0123456789" * 3)[-8:]
 
 
-def test_append_copies_each_byte_once_into_its_chunk() -> None:
+def test_append_copies_a_mutable_buffer_once() -> None:
     ring = OutputRing(capacity_bytes=16, chunk_bytes=4)
     source = bytearray(b"abcdefghij")
     ring.append(memoryview(source))
@@ -312,7 +376,7 @@ class LeanRingMachine(RingMachine):
         allocated = self.ring.allocated_bytes
         if self.total == 0:
             assert allocated == 0
-        assert allocated <= len(self.tail) + self.chunk
+        assert allocated < len(self.tail) + max(self.chunk, self.capacity)
         assert allocated <= self.ring.nbytes_allocated
 
 

@@ -22,6 +22,15 @@ benchmarks, so it is built to hold thousands of streams in one trio process:
 - Fds per stream: TTY 2 (PTY master, pidfd); pipes 4-5 (stdin, stdout, stderr,
   pidfd, and an epoll fd that lets one task wait for stdout *or* stderr without
   spawning a task per wait; it is closed as soon as one of them reaches EOF).
+- Bulk output on pipes: a read that comes back as full as the pipe (64 KiB by
+  default) means the process writes faster than we read (``cat`` of a big
+  file).  That pipe is then grown once to :data:`BULK_PIPE_BYTES` and read
+  that much at a time, so every trip through the session, its ring and the
+  client's socket moves four times the bytes (issue 9: the bulk relay's cost
+  is per read, not per byte).  Only such pipes hold the larger kernel buffer;
+  when the kernel refuses (an unprivileged user past ``pipe-user-pages-soft``)
+  the pipe keeps its size.  A PTY returns at most its line discipline's
+  4 KiB per read whatever it is asked, so its reads stay at 64 KiB.
 
 Linux first (PTYs, ``/proc``, pidfd, epoll); other POSIX systems fall back
 where noted.  The stream contract is in :mod:`podterm.upstream.base`.
@@ -70,6 +79,15 @@ _DEFAULT_TERM = "xterm-256color"
 _PRIVATE_ENV_PREFIX = "PODTERM_"
 # waitid() blocked in threads (only without pidfd): one per waiting stream.
 _FALLBACK_WAIT_THREADS = 65536
+# Bytes asked of one read until a pipe proves busy: a Linux pipe's default
+# capacity.  The bytes object is allocated at this size and shrunk to what
+# arrived, so it is kept below glibc's 128 KiB mmap threshold for the many
+# small reads (keystroke echoes).
+_READ_BYTES = 65536
+#: What a pipe that came back full is grown to (F_SETPIPE_SZ), and then read
+#: at a time: one session read of this size, one ring segment, one writev.
+BULK_PIPE_BYTES = 262144
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
 # Streams whose leader could not be reaped within _REAP_TIMEOUT_S; later
 # aclose() calls retry, so no zombie (or its pidfd) is held forever.
@@ -297,6 +315,11 @@ class LocalStream:
         self._bytes_stdout = 0
         self._bytes_stderr = 0
         self._bytes_stdin = 0
+        # Pipes: bytes asked of one read of stdout / stderr (see BULK_PIPE_BYTES);
+        # growing is tried once per stream, for the first pipe that comes back full.
+        self._stdout_read = _READ_BYTES
+        self._stderr_read = _READ_BYTES
+        self._pipe_grow_tried = False
 
     def __repr__(self) -> str:
         status = self._child.status
@@ -345,7 +368,7 @@ class LocalStream:
         waited = False
         while not self._eof:
             try:
-                data = os.read(master, max_bytes)
+                data = os.read(master, max_bytes if max_bytes < _READ_BYTES else _READ_BYTES)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(master)
                 self._check_not_closed()
@@ -381,13 +404,16 @@ class LocalStream:
             for channel, fd in order:
                 if fd is None:
                     continue
+                size = self._stdout_read if channel == OutputChannel.STDOUT else self._stderr_read
                 try:
-                    data = os.read(fd, max_bytes)
+                    data = os.read(fd, max_bytes if max_bytes < size else size)
                 except BlockingIOError:
                     continue
                 if not data:
                     self._close_output(channel)
                     continue
+                if len(data) == _READ_BYTES and not self._pipe_grow_tried:
+                    self._grow_pipe(channel, fd)
                 # Next time try the other channel first: both get turns under load.
                 self._stderr_first = channel == OutputChannel.STDOUT
                 if channel == OutputChannel.STDOUT:
@@ -405,6 +431,21 @@ class LocalStream:
             await self._wait_output_readable()
             self._check_not_closed()
             waited = True
+
+    def _grow_pipe(self, channel: OutputChannel, fd: int) -> None:
+        """A read came back as full as the pipe: grow it, and read that much from now on."""
+        self._pipe_grow_tried = True
+        if _F_SETPIPE_SZ is None:
+            return
+        try:
+            size = fcntl.fcntl(fd, _F_SETPIPE_SZ, BULK_PIPE_BYTES)
+        except OSError as exc:  # EPERM past the user's pipe quota, EBUSY: keep the size
+            logger.debug("upstream.local.pipe_grow.failed pid=%d: %s", self.pid, exc)
+            return
+        if channel == OutputChannel.STDOUT:
+            self._stdout_read = size
+        else:
+            self._stderr_read = size
 
     async def _wait_output_readable(self) -> None:
         if self._stdout_fd is not None and self._stderr_fd is not None:
