@@ -20,12 +20,18 @@ status line, the end of the head, one frame header), so the servers are
 what is measured; each round also records the server's CPU time, giving
 handshakes per server CPU-second, the steadier figure on a shared machine.
 
+``--baseline-src DIR`` adds a third contender, ``podterm-base``: the same
+gateway run from another source tree (``PYTHONPATH=DIR``, e.g. a copy with a
+change put back), measured interleaved with the others, so a change is
+judged within one run rather than across runs of a loaded machine.
+
 Issue 9's target: handshakes per worker at least 4x trio-websocket's.
 
 Usage::
 
     .venv/bin/python bench/handshake/run.py                 # 3 rounds x 5 s
     .venv/bin/python bench/handshake/run.py --tiny          # CI smoke size
+    .venv/bin/python bench/handshake/run.py --baseline-src /tmp/old/src   # A/B a change
     .venv/bin/python bench/handshake/run.py serve-tws --port-file F --token T   (internal)
 """
 
@@ -228,6 +234,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.profile:
         gw_env.update(C.gc_trace_env(workdir, gc_trace=False, cprofile=True))
     gw = C.start_gateway(args=["--drain-timeout", "2s"], workdir=workdir, env=gw_env)
+    base: C.GatewayProcess | None = None
+    if ns.baseline_src:
+        base = C.start_gateway(args=["--drain-timeout", "2s"], workdir=workdir / "base",
+                               env={"PODTERM_MAX_CONNECTIONS_PER_IP": "0",
+                                    "PODTERM_ADMIN_TOKEN": token,
+                                    "PYTHONPATH": str(Path(ns.baseline_src).resolve())})
     port_file = workdir / "tws.port"
     log = open(workdir / "tws.log", "wb")  # noqa: SIM115
     tws = subprocess.Popen([sys.executable, __file__, "serve-tws", "--port-file", str(port_file),
@@ -235,6 +247,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                            stdout=log, stderr=log, cwd=str(C.ROOT))
     log.close()
     samples: dict[str, list[dict[str, Any]]] = {"podterm": [], "tws": []}
+    if base is not None:
+        samples["podterm-base"] = []
     profile: dict[str, Any] | None = None
     cprofile: dict[str, Any] | None = None
     checks: dict[str, tuple[int, int]] = {}
@@ -245,6 +259,10 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "podterm": (gw.port, f"/api/v1/sessions/{session_id}/attach?mode=ro", gw.pid),
             "tws": (tws_port, "/attach", tws.pid),
         }
+        if base is not None:
+            base_session = trio.run(_create_session, base)
+            targets["podterm-base"] = (
+                base.port, f"/api/v1/sessions/{base_session}/attach?mode=ro", base.pid)
         sources = C.source_addresses(ns.sources)
         for name, (port, target, _pid) in targets.items():
             checks[name] = trio.run(check_auth, port, target, token)
@@ -293,6 +311,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 tws.kill()
                 tws.wait()
         gw.stop()
+        if base is not None:
+            base.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {}
     for name, runs in samples.items():
@@ -309,14 +329,25 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     ratio = C.ratio(summary["podterm"]["rate"], summary["tws"]["rate"])
     ratio_cpu = C.ratio(summary["podterm"]["rate_per_server_cpu_s"],
                         summary["tws"]["rate_per_server_cpu_s"])
+    to_base: dict[str, Any] | None = None
+    if base is not None:
+        to_base = {
+            "rate": C.ratio(summary["podterm"]["rate"], summary["podterm-base"]["rate"]),
+            "rate_per_server_cpu_s": C.ratio(summary["podterm"]["rate_per_server_cpu_s"],
+                                             summary["podterm-base"]["rate_per_server_cpu_s"]),
+            "baseline_src": str(ns.baseline_src)}
     return {"summary": summary, "auth_checks": checks, "ratio": ratio, "profile": profile,
+            "ratio_to_base": to_base,
             "cprofile": cprofile,
             "ratio_per_server_cpu": ratio_cpu, "target": TARGET, "met": bool(ratio >= TARGET)}
 
 
 def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     rows = []
-    for name, label in (("podterm", "podterm (attach ro)"), ("tws", "trio-websocket")):
+    contenders = [("podterm", "podterm (attach ro)"), ("tws", "trio-websocket")]
+    if "podterm-base" in result["summary"]:
+        contenders.insert(1, ("podterm-base", "podterm, baseline tree"))
+    for name, label in contenders:
         s = result["summary"][name]
         rows.append([label, C.fmt_num(s["rate"]), C.fmt_ms(s["latency_p50"]),
                      C.fmt_ms(s["latency_p99"]), f"{s['server_cpu_share']:.0%}",
@@ -331,6 +362,10 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             + f"\n\npodterm / trio-websocket: {C.fmt_ratio(result['ratio'])} "
             f"(per server CPU-s {C.fmt_ratio(result['ratio_per_server_cpu'])}); "
             f"target >= {TARGET:g}x: {verdict}")
+    to_base = result.get("ratio_to_base")
+    if to_base:
+        text += (f"\npodterm / baseline tree: {C.fmt_ratio(to_base['rate'])} "
+                 f"(per server CPU-s {C.fmt_ratio(to_base['rate_per_server_cpu_s'])})")
     prof = result.get("profile")
     if prof and prof.get("samples"):
         rows = [[name, f"{share:.1%}"] for name, share in prof["self"][:15]]
@@ -371,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="py-spy one more podterm round")
     p.add_argument("--tiny", action="store_true", help="CI smoke size: 4 clients, 0.5 s")
     p.add_argument("--out", help="JSON path (default bench/results/handshake-<time>.json)")
+    p.add_argument("--baseline-src", help="also measure the gateway from this src/ directory")
     ns = p.parse_args(argv)
     if ns.tiny:
         ns.clients, ns.duration, ns.warmup, ns.repeats, ns.sources = 4, 0.5, 0.1, 1, 2

@@ -27,3 +27,18 @@ def test_handshake_benchmark_tiny(tmp_path: Path) -> None:
         assert summary["rate"] > 0, summary
         assert summary["errors"] == 0, summary
     assert doc["ratio"] > 0
+
+
+def test_handshake_benchmark_tiny_with_a_baseline_tree(tmp_path: Path) -> None:
+    """``--baseline-src``: a third contender from another tree (here the same one)."""
+    out = tmp_path / "handshake.json"
+    src = RUN.resolve().parents[2] / "src"
+    proc = subprocess.run([sys.executable, str(RUN), "--tiny", "--out", str(out),
+                           "--baseline-src", str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["auth_checks"]["podterm-base"] == [101, 401]
+    assert doc["summary"]["podterm-base"]["rate"] > 0
+    assert doc["ratio_to_base"]["rate"] > 0
+    assert "podterm / baseline tree" in doc["report"]

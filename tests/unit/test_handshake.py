@@ -1,4 +1,5 @@
-"""The HTTP/1.1 upgrade on h11 events: every rejection with its status, accept, client checks."""
+"""The HTTP/1.1 upgrade on h11 events and on our parsed heads: every rejection with its
+status, accept (as an h11 event and as bytes), client checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from podterm.protocol.handshake import (
     KUBE_BEARER_PREFIX,
     PODTERM_BEARER_PREFIX,
     UpgradeRequest,
+    accept_bytes,
     accept_key,
     accept_response,
     bearer_subprotocol,
@@ -21,6 +23,7 @@ from podterm.protocol.handshake import (
     parse_upgrade,
     reject_response,
 )
+from podterm.protocol.http_head import RequestHead, parse_request_head
 
 NONCE = bytes(range(16))
 KEY = base64.b64encode(NONCE)  # what the Sec-WebSocket-Key header carries
@@ -369,3 +372,82 @@ def test_extract_malformed_bearer_400(offered: list[str]) -> None:
     with pytest.raises(HandshakeError) as info:
         extract_bearer_subprotocol(offered)
     assert info.value.http_status == 400
+
+
+# ------------------------------------------------ our head parser, 101 as bytes
+
+
+def _h11_bytes(event: h11.Request | h11.InformationalResponse) -> bytes:
+    """``event`` as h11 writes it (client side for a request, server side for a 101)."""
+    if isinstance(event, h11.Request):  # by hand: h11 writes only HTTP/1.1
+        return (event.method + b" " + event.target + b" HTTP/" + event.http_version + b"\r\n"
+                + b"".join(n + b": " + v + b"\r\n" for n, v in event.headers.raw_items()))
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\n\r\n")
+    server.next_event()
+    server.next_event()
+    return server.send(event) or b""
+
+
+def _outcome(req: h11.Request | RequestHead) -> object:
+    try:
+        up = parse_upgrade(req)
+    except HandshakeError as exc:
+        return ("refused", exc.http_status, exc.message, exc.headers)
+    return (up.target, up.key, up.version, up.subprotocols, up.origin, up.extensions,
+            tuple((n, bytes(v)) for n, v in up.headers))
+
+
+@pytest.mark.parametrize("req", [
+    request(),
+    request(method="POST"),
+    request(http_version="1.0"),
+    request(drop=("Upgrade",)),
+    request([*GOOD[:1], ("Upgrade", "h2c, WebSocket"), *GOOD[2:]]),
+    request(drop=("Connection",)),
+    request([*GOOD[:2], ("Connection", "keep-alive, Upgrade"), *GOOD[3:]]),
+    request(drop=("Sec-WebSocket-Version",)),
+    request([*GOOD[:4], ("Sec-WebSocket-Version", "8, 13")]),
+    request([*GOOD[:4], ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Version", "13")]),
+    request(drop=("Sec-WebSocket-Key",)),
+    request([*GOOD, ("Sec-WebSocket-Key", KEY.decode())]),
+    request([*GOOD[:3], ("Sec-WebSocket-Key", "dG9vIHNob3J0"), *GOOD[4:]]),
+    request([*GOOD[:3], ("Sec-WebSocket-Key", KEY.decode() + "x"), *GOOD[4:]]),
+    request([*GOOD, ("Sec-WebSocket-Protocol", "podterm.v1,  v5.channel.k8s.io"),
+             ("Sec-WebSocket-Protocol", "x"), ("Origin", "https://a.example"),
+             ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")]),
+], ids=lambda r: " ".join(f"{n.decode()}={v.decode()}" for n, v in r.headers)[:60] or "-")
+def test_parse_upgrade_reads_our_head_as_h11_event(req: h11.Request) -> None:
+    head = parse_request_head(_h11_bytes(req) + b"\r\n", 16384)
+    assert head is not None
+    assert _outcome(head) == _outcome(req)
+
+
+@pytest.mark.parametrize(("subprotocol", "extra"), [
+    (None, []),
+    ("podterm.v1", [("X-Request-Id", "r-0123456789abcdef")]),
+    ("v5.channel.k8s.io", [("Set-Cookie", "a=b; Path=/"), ("X-Other", "")]),
+])
+def test_accept_bytes_is_what_h11_writes(subprotocol: str | None,
+                                         extra: list[tuple[str, str]]) -> None:
+    up = parse_upgrade(request([*GOOD, ("Sec-WebSocket-Protocol",
+                                        "podterm.v1, v5.channel.k8s.io")]))
+    assert accept_bytes(up, subprotocol, extra) == _h11_bytes(
+        accept_response(up, subprotocol, extra))
+
+
+@pytest.mark.parametrize(("subprotocol", "extra"), [
+    ("not-offered", []),
+    (PODTERM_BEARER_PREFIX + "dG9rZW4", []),
+    (None, [("Sec-WebSocket-Extensions", "permessage-deflate")]),
+    (None, [("connection", "close")]),
+    (None, [("X-Evil", "a\r\nSet-Cookie: b")]),
+    (None, [("Bad Name", "x")]),
+])
+def test_accept_bytes_refuses_what_would_break_the_handshake(
+        subprotocol: str | None, extra: list[tuple[str, str]]) -> None:
+    up = parse_upgrade(request([*GOOD, ("Sec-WebSocket-Protocol",
+                                        "podterm.v1, " + PODTERM_BEARER_PREFIX + "dG9rZW4")]))
+    with pytest.raises(LocalProtocolError):
+        accept_bytes(up, subprotocol, extra)

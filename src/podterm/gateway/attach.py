@@ -33,7 +33,9 @@ own task (:meth:`_Link.flush_output`: one non-blocking write of the ACK and
 the output; the sender is woken only for what that write could not take, or
 when anything else is due).  So an echo costs two task steps, as in a raw
 relay.  Output messages of 1 KiB and more are laid out as frame headers and
-read-only views of the ring, copied once by the join of the batch.
+read-only views of the ring's segments (a bulk read is one segment, as the
+upstream returned it), and a batch goes to the socket in one ``writev``: no
+copy between the upstream's read and the socket's.
 
 When the link ends for any reason the attachment is removed from the session
 (the session detaches; it does not end).
@@ -97,8 +99,7 @@ _STDOUT_CH = 1
 #: it keeps one busy link from holding the loop for long (p99 first).
 MAX_BATCH_BYTES = 256 * 1024
 #: Output messages this size and larger are sent from views of the ring
-#: (no copy but the batch's join); smaller ones are copied out (cheaper
-#: than the views for an echo).
+#: (no copy); smaller ones are copied out (cheaper than the views for an echo).
 _COPY_BELOW = 1024
 _HEAD_SHORT = struct.Struct(">BB")
 _HEAD_MEDIUM = struct.Struct(">BBH")
@@ -165,7 +166,7 @@ class AttachHandler:
                                  f"(subprotocol {SUBPROTOCOL})", 426,
                                  headers=[("Upgrade", "websocket")])
         offset, mode, token = _parse_params(request.query)
-        upgrade = parse_upgrade(request.h11_request, origin_ok=self.origin_ok)
+        upgrade = parse_upgrade(request.head, origin_ok=self.origin_ok)
         _, offered = extract_bearer_subprotocol(upgrade.subprotocols)
         if SUBPROTOCOL not in offered:
             raise HandshakeError(f"offer the WebSocket subprotocol {SUBPROTOCOL!r}", 400)
@@ -181,10 +182,13 @@ class AttachHandler:
                                        resuming=token is not None, exc=exc)
             raise
         headers = [("X-Request-Id", request.request_id)] if request.request_id else []
+        # The 101 as bytes, without h11, unless h11 read this request (a body).
+        h11conn, trailing = call.exchange.take_over()
         try:
-            ws = await accept_on(call.stream, call.conn, upgrade, SUBPROTOCOL,
+            ws = await accept_on(call.stream, h11conn, upgrade, SUBPROTOCOL,
                                  extra_headers=headers, limits=self.ws_limits,
-                                 close_timeout_s=session.limits.close_timeout_s)
+                                 close_timeout_s=session.limits.close_timeout_s,
+                                 trailing=trailing)
         except HandshakeError as exc:
             # accept_on answered and closed the stream itself.
             GatewayCounters.bump(self.counters.handshake_failures, error_code(exc.http_status))
@@ -402,11 +406,10 @@ class _Link:
                 if ping is not None:
                     parts.append(ws.conn.send_ping(ping))
             if parts or ws.has_pending_out:
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts.clear()  # let go of ring views before waiting
-                assert isinstance(data, bytes)
+                # Headers and ring views as they are: one writev, no join
+                # (joined once for TLS); the views are let go once written.
                 try:
-                    done = await ws.send_batch(data, stall_s)
+                    done = await ws.send_batch(parts, stall_s)
                 except ConnectionClosed:
                     att.mark_gone()
                     return
@@ -456,13 +459,10 @@ class _Link:
             self._collect_output(parts)
             if not parts:
                 return True  # no credit: nothing the sender could send either
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts.clear()
-            assert isinstance(data, bytes)
             parked = att.park_scope
             if parked is not None and parked.deadline < self.hb.deadline:
                 parked.deadline = self.hb.deadline  # the deferred ACK went out here
-            if ws.send_nowait(data):
+            if ws.send_nowait(parts):
                 return True
         except Exception:  # never into the session's task: the link ends instead
             log.exception("session.attach.flush_failed %s", session.id)
@@ -479,9 +479,9 @@ class _Link:
     def _collect_output(self, parts: list[Buffer]) -> None:
         """Append STDOUT/STDERR messages for everything the link may be sent now.
 
-        A message above :data:`_COPY_BELOW` bytes goes in as its frame header
-        (with the type byte) followed by read-only views of the ring's chunks:
-        its bytes are copied once, by the join of the batch.
+        A message of :data:`_COPY_BELOW` bytes or more goes in as its frame
+        header (with the type byte) followed by read-only views of the ring's
+        segments, which the socket write gathers (``writev``): no copy.
         """
         att = self.att
         session = self.session

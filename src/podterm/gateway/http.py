@@ -1,16 +1,20 @@
-"""HTTP/1.1 on one connection, with h11: requests in, responses out, errors mapped once.
+"""HTTP/1.1 on one connection: requests in, responses out, errors mapped once.
 
-:func:`serve_http` drives an ``h11.Connection`` over a trio stream for as long
-as the client keeps the connection alive, and hands each request to a
-*handler* (the router).  The handler returns a :class:`Response`, or accepts
+:func:`serve_http` reads each request head with our own bounded parser
+(:mod:`podterm.protocol.http_head`), writes responses as bytes, and builds an
+``h11.Connection`` only for a request with a body (h11 reads bodies) or for a
+handler that asks for one (:attr:`Exchange.h11_connection`): a WebSocket upgrade, the
+gateway's busiest request, never pays for h11.  It serves for as long as the
+client keeps the connection alive, and hands each request to a *handler*
+(the router).  The handler returns a :class:`Response`, or accepts
 a WebSocket upgrade and returns :class:`Upgraded` with the coroutine that runs
 the WebSocket.  :func:`serve_http` then returns that to its caller, which runs
-it *after* the HTTP state (h11 connection, request, headers) is released: an
+it *after* the HTTP state (request, headers, any h11 connection) is released: an
 attached session must not pay for the HTTP request that attached it.
 
 Bounds (every one is a :class:`HttpLimits` field):
 
-* the request head is at most ``max_header_bytes`` (h11 answers 431 beyond);
+* the request head is at most ``max_header_bytes`` (431 beyond);
 * a body is at most ``max_body_bytes`` (413); REST bodies are tiny;
 * slowloris: the first byte of a request must come within ``header_timeout_s``
   on a new connection (``keepalive_timeout_s`` on a kept-alive one), and the
@@ -23,9 +27,11 @@ Bounds (every one is a :class:`HttpLimits` field):
 Error handling: this module is the one boundary where errors become HTTP
 answers.  A :class:`~podterm.errors.PodtermError` from a handler becomes its
 ``http_status`` with a JSON body ``{"error": {"code", "message"}}``
-(docs/protocol.md §2); an h11 protocol error becomes its status hint; any
+(docs/protocol.md §2); an h11 protocol error (in a body) becomes its status hint; any
 other exception is a bug: it is logged with its traceback and answered
 ``500 internal`` with no detail.  A stack trace never reaches the client.
+A malformed head is answered with the parser's status (400, 431, 501, 505;
+``http_head``'s table) and the connection closed.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import re
 import secrets
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +54,14 @@ import h11
 import trio
 
 from podterm.auth.identity import Identity
-from podterm.errors import PodtermError
+from podterm.errors import LocalProtocolError, PodtermError
 from podterm.metrics import GatewayCounters
 from podterm.net.clientaddr import ClientAddress, ClientAddressPolicy, Via, resolve_request
+from podterm.protocol.http_head import HeadError, RequestHead, parse_request_head
 
 __all__ = [
     "ERROR_CODES",
+    "Exchange",
     "HttpLimits",
     "Request",
     "Response",
@@ -86,6 +97,7 @@ ERROR_CODES: Final[dict[int, str]] = {
     431: "bad_request",
     502: "unavailable",
     503: "unavailable",
+    505: "bad_request",
 }
 
 #: Bytes asked of the socket per read while speaking HTTP: a request head
@@ -138,10 +150,11 @@ class Request:
         query: query parameters; for a repeated name the first value wins.
         headers: lower-case names to values; repeated headers joined by ``", "``.
         body: the whole body (empty for GET and for upgrades).
-        h11_request: the request as h11 parsed it (for the upgrade helpers).
+        head: the parsed head (``h11.Request``'s attributes, for the upgrade
+            helpers; :attr:`h11_request` is the same object).
         peer: ``str(client)``, for logs (``host:port``, or a bare address
             when a forwarding header gave no port).
-        is_upgrade: True when h11 saw ``Connection: upgrade`` + ``Upgrade``.
+        is_upgrade: True for ``Connection: upgrade`` with an ``Upgrade`` header.
         client: the client as the gateway believes it
             (:mod:`podterm.net.clientaddr`): the socket peer, the PROXY
             header's source, or a trusted proxy's forwarding header, with
@@ -158,12 +171,19 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
-    h11_request: h11.Request
+    head: RequestHead
     peer: str
     is_upgrade: bool
     client: ClientAddress
     identity: Identity | None = None
     request_id: str = ""
+
+    @property
+    def h11_request(self) -> RequestHead:
+        """The parsed head; it has ``h11.Request``'s attributes (method, target,
+        http_version, headers), so :func:`~podterm.protocol.handshake.parse_upgrade`
+        and header forwarding read it as they read h11's event."""
+        return self.head
 
     def json(self) -> Any:
         """The body parsed as JSON (an empty body is ``{}``).
@@ -218,7 +238,84 @@ class Upgraded:
         return f"<Upgraded {'running' if self.run else 'refused'}>"
 
 
-Handler = Callable[[Request, trio.abc.Stream, h11.Connection], Awaitable["Response | Upgraded"]]
+class Exchange:
+    """One request's hold on its connection: the head's bytes, and h11 only on demand.
+
+    :func:`serve_http` hands one to the handler with each request.  Most
+    handlers never look at it; an upgrading handler either takes the
+    connection over (:meth:`take_over`: it writes the ``101`` itself) or asks
+    for :attr:`h11_connection`, an ``h11.Connection`` in the state the request left it
+    (head read, an empty body read to its end), built on first use from the
+    bytes the head arrived in.
+
+    Attributes:
+        head: the request head.
+    """
+
+    __slots__ = ("head", "_data", "_limit", "_h11", "_taken")
+
+    def __init__(self, head: RequestHead, data: bytes | bytearray, limit: int) -> None:
+        self.head = head
+        self._data = data  # the head, then what the client sent after it
+        self._limit = limit
+        self._h11: h11.Connection | None = None
+        self._taken = False
+
+    def __repr__(self) -> str:
+        state = "taken" if self._taken else "h11" if self._h11 is not None else "head"
+        return f"<Exchange {self.head!r} {state}>"
+
+    @property
+    def h11_connection(self) -> h11.Connection:
+        """The request as an ``h11.Connection`` (built now if it was not yet).
+
+        Raises:
+            RuntimeError: the connection was taken over (:meth:`take_over`).
+            h11.RemoteProtocolError: h11 refuses the head (it accepts every
+                head the parser does; answered as a bad request).
+        """
+        conn = self._h11
+        if conn is None:
+            if self._taken:
+                raise RuntimeError("the connection was taken over; it has no h11 state")
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
+            conn.receive_data(bytes(self._data))
+            if type(conn.next_event()) is not h11.Request:  # pragma: no cover - parsed already
+                raise h11.RemoteProtocolError("request head not complete")
+            if not (self.head.has_body or self.head.expects_continue) and (
+                    type(conn.next_event()) is not h11.EndOfMessage):  # pragma: no cover
+                raise h11.RemoteProtocolError("unexpected body")
+            self._h11 = conn
+        return conn
+
+    @property
+    def responded(self) -> bool:
+        """True once an answer to this request was started (by a handler or taken over)."""
+        return self._taken or (self._h11 is not None
+                               and self._h11.our_state is not h11.SEND_RESPONSE)
+
+    def take_over(self) -> tuple[h11.Connection | None, bytes]:
+        """The handler answers this request itself, without h11 (a ``101`` as bytes).
+
+        Returns:
+            ``(None, trailing)``: the bytes the client sent after its head (a
+            first WebSocket frame, pipelined), which are the taker's now; or
+            ``(h11_connection, b"")`` when h11 read this request (it had a
+            body) and must answer it: the caller then goes through h11.
+        """
+        if self._h11 is not None:
+            return self._h11, b""
+        self._taken = True
+        return None, bytes(self._data[self.head.size:])
+
+    def rest(self) -> bytes | bytearray:
+        """What the client sent after this request (the next request's start)."""
+        if self._h11 is not None:
+            return self._h11.trailing_data[0]
+        return self._data[self.head.size:]
+
+
+Handler = Callable[[Request, trio.abc.Stream, Exchange], Awaitable["Response | Upgraded"]]
 
 
 def json_response(status: int, obj: Any, *,
@@ -295,25 +392,31 @@ async def send_and_close(stream: trio.abc.Stream, data: bytes, *,
         await trio.aclose_forcefully(stream)
 
 
-def _parse_request(event: h11.Request, connection: ClientAddress,
+def _parse_request(head: RequestHead, connection: ClientAddress,
                    policy: ClientAddressPolicy) -> Request:
     headers: dict[str, str] = {}
-    for name, value in event.headers:
+    for name, value in head.headers:
         key = name.decode("latin-1")
         text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    target = event.target.decode("latin-1")
-    parts = urlsplit(target)
+    target = head.target.decode("latin-1")
     query: dict[str, str] = {}
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        query.setdefault(k, v)
+    if "?" in target or "#" in target:
+        parts = urlsplit(target)
+        raw_path = parts.path
+        for k, v in parse_qsl(parts.query, keep_blank_values=True):
+            query.setdefault(k, v)
+    else:
+        raw_path = target  # urlsplit's answer for a plain path, without its cost
+        if raw_path[:2] == "//" or ":" in raw_path:
+            raw_path = urlsplit(target).path
     upgrade = "upgrade" in headers and "upgrade" in headers.get("connection", "").lower()
     # Per request: a trusted L7 proxy may carry many clients on one connection.
     client = resolve_request(connection, headers, policy=policy)
-    return Request(method=event.method.decode("ascii").upper(), target=target,
-                   path=unquote(parts.path) or "/", query=query, headers=headers, body=b"",
-                   h11_request=event, peer=str(client), is_upgrade=upgrade, client=client,
-                   request_id=new_request_id())
+    return Request(method=head.method.decode("ascii").upper(), target=target,
+                   path=(unquote(raw_path) if "%" in raw_path else raw_path) or "/",
+                   query=query, headers=headers, body=b"", head=head, peer=str(client),
+                   is_upgrade=upgrade, client=client, request_id=new_request_id())
 
 
 def new_request_id() -> str:
@@ -347,13 +450,104 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
         raise _ClientGone() from exc
 
 
-async def _next_event(stream: trio.abc.Stream, conn: h11.Connection,
-                      scope: trio.CancelScope, head_timeout_s: float | None) -> Any:
-    """The next h11 event, reading as needed.
+class _HeadReader:
+    """Reads request heads off one connection; ``buffered`` survives a cancellation."""
 
-    ``head_timeout_s`` (when set) tightens ``scope``'s deadline once the first
-    byte of a request arrives: the whole head must follow within it.
-    """
+    __slots__ = ("stream", "limit", "buffered", "closed", "_fd")
+
+    def __init__(self, stream: trio.abc.Stream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.buffered: bytes | bytearray = b""
+        #: The client closed its side before a whole head arrived (seen by read_nowait).
+        self.closed = False
+        # A plain TCP socket can be read without trio when data is waiting.
+        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+
+    def read_nowait(self) -> RequestHead | None:
+        """A head from what is buffered or what the socket holds right now, or None.
+
+        The common case, a client that sent its request with its connect, is
+        served by one ``read`` here: no cancel scope, no checkpoint, no trip
+        through trio's scheduler.  None means "wait" (or, with :attr:`closed`,
+        that the client hung up); :meth:`read` does the waiting.
+
+        Raises:
+            HeadError: as :meth:`read`.
+        """
+        buf = self.buffered
+        if buf:
+            head = parse_request_head(buf, self.limit)
+            if head is not None or self._fd < 0:
+                return head
+        elif self._fd < 0:
+            return None
+        try:
+            data = os.read(self._fd, _RECV_BYTES)
+        except OSError:  # EAGAIN: nothing yet; an error: read() reports it
+            return None
+        if not data:
+            if buf:
+                raise HeadError("peer unexpectedly closed connection")
+            self.closed = True
+            return None
+        if buf:
+            buf = bytearray(buf)
+            buf += data
+            self.buffered = buf
+        else:
+            self.buffered = buf = data
+        return parse_request_head(buf, self.limit)
+
+    async def read(self, scope: trio.CancelScope,
+                   head_timeout_s: float | None) -> RequestHead | None:
+        """The next head, reading as needed; None when the client closed between requests.
+
+        ``head_timeout_s`` (when set) tightens ``scope``'s deadline once the
+        first byte of a request is here: the whole head must follow within it.
+
+        Raises:
+            HeadError: a malformed or oversized head, or a client that closed
+                in the middle of one.
+            _ClientGone: the connection broke.
+        """
+        buf = self.buffered
+        searched = 0
+        if buf:
+            head = parse_request_head(buf, self.limit)
+            if head is not None:
+                return head
+            searched = len(buf)
+            if head_timeout_s is not None:
+                scope.deadline = min(scope.deadline, trio.current_time() + head_timeout_s)
+                head_timeout_s = None
+        while True:
+            try:
+                data = await self.stream.receive_some(_RECV_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone() from exc
+            if not data:
+                if buf:
+                    raise HeadError("peer unexpectedly closed connection")
+                return None
+            if head_timeout_s is not None:
+                scope.deadline = min(scope.deadline, trio.current_time() + head_timeout_s)
+                head_timeout_s = None
+            if buf:
+                if type(buf) is not bytearray:
+                    buf = bytearray(buf)
+                buf += data
+            else:
+                buf = data if type(data) is bytes else bytes(data)
+            self.buffered = buf
+            head = parse_request_head(buf, self.limit, searched)
+            if head is not None:
+                return head
+            searched = len(buf)
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    """The next h11 event of a request body, reading as needed."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
@@ -362,33 +556,23 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection,
             data = await stream.receive_some(_RECV_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone() from exc
-        if data and head_timeout_s is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + head_timeout_s)
-            head_timeout_s = None
         conn.receive_data(data if isinstance(data, bytes) else bytes(data))
 
 
 async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, request: Request,
                      limits: HttpLimits) -> None:
+    """Read the body of a request that has one (or sent ``Expect: 100-continue``), with h11."""
     length = request.headers.get("content-length")
     if length is not None and length.strip().isdigit() and int(length) > limits.max_body_bytes:
         raise PodtermError(f"request body of {int(length)} bytes exceeds the "
                            f"{limits.max_body_bytes}-byte limit", http_status=413)
     if conn.they_are_waiting_for_100_continue:
         await _send(stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-    elif length is None and "transfer-encoding" not in request.headers:
-        # No body (every GET, every upgrade): h11 ends the message without
-        # reading, so no deadline, no scope and no await are needed.
-        if type(conn.next_event()) is not h11.EndOfMessage:  # pragma: no cover - h11 says so
-            raise PodtermError("unexpected HTTP event in a request without a body",
-                               http_status=400)
-        return
     chunks: list[bytes] = []
     total = 0
-    never = trio.CancelScope()  # no head deadline for the body: one overall bound
     with trio.move_on_after(limits.body_timeout_s) as scope:
         while True:
-            event = await _next_event(stream, conn, never, None)
+            event = await _next_event(stream, conn)
             if isinstance(event, h11.Data):
                 total += len(event.data)
                 if total > limits.max_body_bytes:
@@ -406,28 +590,35 @@ async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, request: Req
     request.body = b"".join(chunks)
 
 
-def _response_bytes(conn: h11.Connection, request: Request | None, response: Response,
-                    close: bool) -> bytes:
-    headers: list[tuple[str, str]] = [("Server", "podterm")]
-    if response.status not in (204, 304):  # RFC 9110 §8.6: no body, no length of one
-        headers += [("Content-Type", response.content_type),
-                    ("Content-Length", str(len(response.body)))]
-    headers.extend(response.headers)
+#: What may not appear in a header we write (RFC 9110 §5.5: no CR, LF or NUL).
+_UNSAFE_HEADER = re.compile(r"[\r\n\x00]")
+_PHRASES: Final[dict[int, str]] = {s.value: s.phrase for s in HTTPStatus}
+
+
+def _response_bytes(request: Request | None, response: Response, close: bool) -> bytes:
+    """``response`` as HTTP/1.1 bytes (what h11 wrote, with the reason phrase).
+
+    Raises:
+        LocalProtocolError: a header name or value would break the head (a bug).
+    """
+    status = response.status
+    lines = [f"HTTP/1.1 {status} {_PHRASES.get(status, '')}", "Server: podterm"]
+    if status not in (204, 304):  # RFC 9110 §8.6: no body, no length of one
+        lines.append(f"Content-Type: {response.content_type}")
+        lines.append(f"Content-Length: {len(response.body)}")
+    for name, value in response.headers:
+        if _UNSAFE_HEADER.search(name) or _UNSAFE_HEADER.search(value) or ":" in name:
+            raise LocalProtocolError(f"refusing to send header {name!r}: {value!r}")
+        lines.append(f"{name}: {value}")
     if request is not None and request.request_id:
-        headers.append(("X-Request-Id", request.request_id))
+        lines.append(f"X-Request-Id: {request.request_id}")
     if close:
-        headers.append(("Connection", "close"))
-    out = conn.send(h11.Response(status_code=response.status, headers=headers))
-    if (request is None or request.method != "HEAD") and response.status not in (204, 304):
-        if response.body:
-            out += conn.send(h11.Data(data=response.body))
-    out += conn.send(h11.EndOfMessage())
-    return out
-
-
-def _reusable(conn: h11.Connection) -> bool:
-    """True when both sides finished a request cleanly and may start another."""
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        lines.append("Connection: close")
+    lines.append("\r\n")
+    head = "\r\n".join(lines).encode("latin-1")
+    if (request is None or request.method != "HEAD") and status not in (204, 304):
+        return head + response.body
+    return head
 
 
 async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpLimits,
@@ -441,7 +632,8 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
 
     Args:
         stream: the accepted connection; closed before this returns.
-        handler: called once per request (body read); returns a Response or
+        handler: called once per request (body read) with the request, the
+            stream and the request's :class:`Exchange`; returns a Response or
             :class:`Upgraded` after accepting an upgrade.
         limits: the bounds above.
         counters: where requests and error answers are counted.
@@ -464,11 +656,12 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
 
     Error handling: see the module docstring.  ``trio.Cancelled`` propagates.
     """
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+    reader = _HeadReader(stream, limits.max_header_bytes)
     connection = client or _client_of(stream)
     policy = client_policy or _SOCKET_ONLY
     served = 0
     upgraded: Upgraded | None = None
+    exchange: Exchange | None = None
     try:
         if isinstance(stream, trio.SSLStream):
             # The handshake first, on its own, so that a refused client
@@ -483,12 +676,16 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
             if handshake.cancelled_caught:
                 return None  # no handshake in time: nothing can be said, hang up
         while True:
-            first = served == 0
-            wait = limits.header_timeout_s if first else limits.keepalive_timeout_s
-            with trio.move_on_after(wait) as scope:
-                event = await _next_event(stream, conn, scope, limits.header_timeout_s)
-            if scope.cancelled_caught:
-                if conn.trailing_data[0]:
+            exchange = None
+            head = reader.read_nowait()
+            if head is None and not reader.closed:
+                wait = limits.header_timeout_s if served == 0 else limits.keepalive_timeout_s
+                with trio.move_on_after(wait) as scope:
+                    head = await reader.read(scope, limits.header_timeout_s)
+            else:
+                scope = None
+            if scope is not None and scope.cancelled_caught:
+                if reader.buffered:
                     # Slowloris: a head that started and never finished.
                     # RFC 9110 §15.5.9: 408, then close.
                     reason = (f"request head not complete within {limits.header_timeout_s:g} s "
@@ -500,19 +697,19 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
                 # An idle connection or keep-alive: nothing useful can be said
                 # to a client that does not send; hang up.
                 return None
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees
+            if head is None:
                 return None
             served += 1
             counters.http_requests += 1
-            request = _parse_request(event, connection, policy)
+            exchange = Exchange(head, reader.buffered, limits.max_header_bytes)
+            reader.buffered = b""
+            request = _parse_request(head, connection, policy)
             response: Response | Upgraded
             try:
-                # An upgrade GET has an empty body; reading to its end leaves
-                # h11 in MIGHT_SWITCH_PROTOCOL, where the upgrade helpers start.
-                await _read_body(stream, conn, request, limits)
-                response = await handler(request, stream, conn)
+                if head.has_body or head.expects_continue:
+                    # h11 reads bodies (Content-Length or chunked, 100-continue).
+                    await _read_body(stream, exchange.h11_connection, request, limits)
+                response = await handler(request, stream, exchange)
             except _ClientGone:
                 raise
             except PodtermError as exc:
@@ -530,25 +727,30 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, *, limits: HttpL
                 return upgraded
             if response.status >= 400:
                 GatewayCounters.bump(counters.http_errors, error_code(response.status))
-            if conn.our_state is not h11.SEND_RESPONSE:
+            if exchange.responded:
                 return None  # the handler answered on its own (e.g. a refused upgrade)
+            conn = exchange._h11
             close = (served >= limits.max_requests or not keep_alive() or request.is_upgrade
-                     or conn.their_state is not h11.DONE or response.status in (408, 413))
-            await _send(stream, _response_bytes(conn, request, response, close))
-            if not _reusable(conn):
+                     or not head.keep_alive or response.status in (408, 413)
+                     or (conn is not None and conn.their_state is not h11.DONE))
+            await _send(stream, _response_bytes(request, response, close))
+            if close:
                 return None
-            conn.start_next_cycle()
-    except h11.RemoteProtocolError as exc:
-        # The peer broke HTTP: answer with h11's status hint if we still may.
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = exc.error_status_hint or 400
+            reader.buffered = exchange.rest()
+    except (HeadError, h11.RemoteProtocolError) as exc:
+        # The peer broke HTTP: answer with the status it calls for, if we still may.
+        if exchange is None or not exchange.responded:
+            if isinstance(exc, HeadError):
+                status, reason = exc.http_status, exc.message
+            else:
+                status, reason = exc.error_status_hint or 400, str(exc)
             GatewayCounters.bump(counters.http_errors, error_code(status))
             if on_protocol_error is not None:
-                on_protocol_error(status, f"bad HTTP request: {exc}")
+                on_protocol_error(status, f"bad HTTP request: {reason}")
             try:
                 await _send(stream, _response_bytes(
-                    conn, None, error_response(status, f"bad HTTP request: {exc}"), True))
-            except (_ClientGone, h11.LocalProtocolError):
+                    None, error_response(status, f"bad HTTP request: {reason}"), True))
+            except _ClientGone:
                 pass
     except _ClientGone:
         pass
@@ -596,22 +798,67 @@ async def _run_handler(stream: trio.abc.Stream,
         await aclose_unless_closed(stream)
 
 
+#: Connections taken from the accept queue per trip through trio's scheduler.
+_ACCEPT_BATCH = 16
+
+
+def _twin_socket(listener: trio.abc.Listener[Any]) -> socket.socket | None:
+    """A stdlib socket on a duplicate of a TCP listener's descriptor, or None.
+
+    ``accept`` on it takes a waiting connection without a checkpoint (trio's
+    ``accept`` yields to the scheduler after every connection).  The
+    duplicate shares the listening socket and its non-blocking mode; closing
+    it leaves the listener open.
+    """
+    if type(listener) is not trio.SocketListener:
+        return None
+    sock = listener.socket
+    try:
+        twin = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
+    except OSError:
+        return None
+    twin.setblocking(False)
+    return twin
+
+
+def _accept_nowait(twin: socket.socket) -> trio.SocketStream | None:
+    """A connection already in the accept queue, or None (none waiting, or an
+    error, which the next awaited ``accept`` meets again and reports)."""
+    try:
+        sock, _ = twin.accept()
+    except OSError:
+        return None
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
 async def _serve_one_listener(listener: trio.abc.Listener[Any], handler_nursery: trio.Nursery,
                               handler: Callable[[trio.abc.Stream], Awaitable[object]]
                               ) -> NoReturn:
     async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("accept returned %s (%s); retrying in %s seconds",
-                          errno.errorcode[exc.errno], exc.strerror, _ACCEPT_RETRY_S,
-                          exc_info=True)
-                await trio.sleep(_ACCEPT_RETRY_S)
-            else:
+        twin = _twin_socket(listener)
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept returned %s (%s); retrying in %s seconds",
+                              errno.errorcode[exc.errno], exc.strerror, _ACCEPT_RETRY_S,
+                              exc_info=True)
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                    continue
                 handler_nursery.start_soon(_run_handler, stream, handler)
+                if twin is not None:
+                    # A burst: take what else is queued before yielding.
+                    for _ in range(_ACCEPT_BATCH - 1):
+                        more = _accept_nowait(twin)
+                        if more is None:
+                            break
+                        handler_nursery.start_soon(_run_handler, more, handler)
+        finally:
+            if twin is not None:
+                twin.close()
 
 
 async def serve_listeners(handler: Callable[[trio.abc.Stream], Awaitable[object]],
@@ -627,6 +874,11 @@ async def serve_listeners(handler: Callable[[trio.abc.Stream], Awaitable[object]
     second time (:func:`aclose_unless_closed`).  Running out of descriptors
     or memory is logged and retried after 0.1 s; any other accept error
     propagates.  Never returns; cancel it to stop accepting.
+
+    On a TCP listener, after each awaited ``accept`` up to
+    ``_ACCEPT_BATCH - 1`` more connections already queued are taken without
+    going through the scheduler in between (:func:`_accept_nowait`): a burst
+    of connects costs one checkpoint, not one each.
     """
     async with trio.open_nursery() as nursery:
         for listener in listeners:

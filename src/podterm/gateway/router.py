@@ -19,7 +19,8 @@ request it:
    ``podterm:admins`` may act.  Failures are 401/403/429 answered *before*
    any handler runs, so before any upgrade;
 3. calls the handler with the request (``request.identity`` set), the path
-   parameters, and the connection (stream and h11 state, for upgrades).
+   parameters, and the connection (stream and :class:`~podterm.gateway.http.Exchange`,
+   for upgrades).
 
 Browser origins: before authenticating a WebSocket upgrade, its ``Origin``
 is checked against the :class:`~podterm.protocol.handshake.OriginPolicy`
@@ -70,7 +71,7 @@ from podterm.auth.chain import (
 from podterm.auth.identity import Identity
 from podterm.auth.rbac import Authorizer, Decision, Target
 from podterm.errors import BadRequestError, PodtermError, ProtocolViolation
-from podterm.gateway.http import Request, Response, Upgraded, error_code, error_response
+from podterm.gateway.http import Exchange, Request, Response, Upgraded, error_code, error_response
 from podterm.metrics import GatewayCounters
 from podterm.net.tls import peer_identity
 from podterm.protocol.handshake import OriginPolicy, OriginRefused, extract_bearer_subprotocol
@@ -98,13 +99,20 @@ class Call:
         request: the request; ``identity`` is set unless the route is public.
         params: the named groups of the route's path pattern.
         stream: the connection, for handlers that upgrade it.
-        conn: its h11 state, for the same.
+        exchange: the request's hold on the connection, for the same: take it
+            over (:meth:`~podterm.gateway.http.Exchange.take_over`) to answer
+            without h11, or use :attr:`conn`.
     """
 
     request: Request
     params: dict[str, str]
     stream: trio.abc.Stream
-    conn: h11.Connection
+    exchange: Exchange
+
+    @property
+    def conn(self) -> h11.Connection:
+        """The request's h11 state (built on first use; see ``Exchange.h11_connection``)."""
+        return self.exchange.h11_connection
 
 
 RouteHandler = Callable[[Call], Awaitable[Response | Upgraded]]
@@ -268,7 +276,7 @@ class Router:
                            target=target.to_audit(), **details)
 
     async def __call__(self, request: Request, stream: trio.abc.Stream,
-                       conn: h11.Connection) -> Response | Upgraded:
+                       exchange: Exchange) -> Response | Upgraded:
         """Route one request (the :func:`podterm.gateway.http.serve_http` handler)."""
         auditor = self.auditor
         if auditor is not None and not auditor.enabled:
@@ -305,7 +313,7 @@ class Router:
                         # Before authorization: the peer holding the session
                         # decides, with the forwarded identity (docs/ha.md).
                         answer = await self.peers.route(Call(request, match.groupdict(),
-                                                             stream, conn))
+                                                             stream, exchange))
                         if answer is not None:
                             return answer
                     if route.authorize:
@@ -319,12 +327,12 @@ class Router:
                             # A new session: REST create or a kubectl exec upgrade.
                             self.limiter.check_session_create(
                                 request.client.ip, identity.user, trio.current_time()).check()
-                return await route.handler(Call(request, match.groupdict(), stream, conn))
+                return await route.handler(Call(request, match.groupdict(), stream, exchange))
             except PodtermError as exc:
                 if isinstance(exc, RateLimitExceeded) and not getattr(exc, "headers", None):
                     # 429 with Retry-After (error_response adds an exception's headers).
                     exc.headers = [("Retry-After", exc.retry_after_header)]  # type: ignore[attr-defined]
-                if route.websocket and request.is_upgrade and conn.our_state is h11.SEND_RESPONSE:
+                if route.websocket and request.is_upgrade and not exchange.responded:
                     GatewayCounters.bump(self.counters.handshake_failures,
                                          error_code(exc.http_status))
                     if auditor is not None and isinstance(exc, OriginRefused):
@@ -336,7 +344,7 @@ class Router:
                                                             BadRequestError):
                         await auditor.protocol_rejected(request, exc.message,
                                                         http_status=exc.http_status)
-                if route.render_error is not None and conn.our_state is h11.SEND_RESPONSE:
+                if route.render_error is not None and not exchange.responded:
                     return route.render_error(exc, request)
                 raise
         if allowed:

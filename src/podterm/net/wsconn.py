@@ -2,8 +2,12 @@
 
 Shape of the data plane (STYLE.md §5): one ``receive_some`` → one
 ``FrameReader.feed`` → every complete message of that read handed back in one
-list; one ``send_all`` per batch the caller encoded.  No task, channel, lock
-or event per message.
+list; one write per batch the caller encoded.  No task, channel, lock or event
+per message.  A batch may be a list of buffers (frame headers and payload
+views, :meth:`WebSocketStream.send_batch`): on a TCP socket it goes out with
+``writev`` (scatter-gather, at most :data:`IOV_BATCH` buffers per call), so
+payloads are never joined into one copy first; other streams (TLS) get one
+joined ``send_all``.
 
 Concurrency contract
 --------------------
@@ -38,16 +42,19 @@ import errno
 import os
 import ssl
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import h11
 import trio
 
 from podterm.errors import CloseCode, HandshakeError, LocalProtocolError
+from podterm.protocol._types import Buffer
 from podterm.protocol.frame import OP_CLOSE, OP_PONG
 from podterm.protocol.handshake import (
     HeaderLike,
     UpgradeRequest,
+    accept_bytes,
     accept_response,
     build_request,
     check_response,
@@ -68,6 +75,8 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT_S",
     "DEFAULT_HANDSHAKE_READ_LIMIT",
     "DEFAULT_READ_SIZE",
+    "IOV_BATCH",
+    "Batch",
     "ConnectionClosed",
     "WebSocketStream",
     "accept_on",
@@ -97,6 +106,33 @@ _CLOSED = ConnectionState.CLOSED
 _ABNORMAL = int(CloseCode.ABNORMAL)
 
 _StreamErrors = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+#: Buffers per ``writev`` call: far below Linux's IOV_MAX (1024), and one
+#: 256 KiB batch of 32 KiB messages is 16-24 buffers, so one call in practice.
+IOV_BATCH = 64
+
+#: What :meth:`WebSocketStream.send_batch` takes: encoded frames as one
+#: buffer, or as a list of byte buffers (``bytes``, ``bytearray``, 1-D
+#: memoryviews of format ``B``) that are the frames when concatenated.
+Batch: TypeAlias = Buffer | list[Buffer]
+
+
+def _rest(parts: list[Buffer], written: int) -> list[Buffer]:
+    """The buffers of ``parts`` after its first ``written`` bytes (views, no copy)."""
+    for i, part in enumerate(parts):
+        size = len(part)
+        if written < size:
+            rest: list[Buffer] = [memoryview(part)[written:] if written else part]
+            rest.extend(parts[i + 1 :])
+            return rest
+        written -= size
+    return []
+
+
+def _batch_parts(data: Batch) -> list[Buffer]:
+    if type(data) is list:
+        return data
+    return [data] if data else []  # type: ignore[list-item]
 
 
 class ConnectionClosed(Exception):
@@ -144,6 +180,12 @@ class WebSocketStream:
                  read_size: int = DEFAULT_READ_SIZE,
                  close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
                  initial: bytes = b"", subprotocol: str | None = None) -> None:
+        # A connection read through a prefix (a sibling worker's hand-off, bytes
+        # past a PROXY header: clientaddr.PrefixedStream) is its socket stream
+        # once the prefix is consumed: the fast paths below apply to it too.
+        inner = getattr(stream, "inner", None)
+        if type(inner) is trio.SocketStream and getattr(stream, "pending", None) == 0:
+            stream = inner
         self.stream = stream
         self.conn = conn
         self.subprotocol = subprotocol
@@ -158,7 +200,7 @@ class WebSocketStream:
         self._write_lot: trio.lowlevel.ParkingLot | None = None  # created on first contention
         self._send_broken = False
         # The unwritten rest of a send_nowait(): the next bytes on the wire.
-        self._pending_out: memoryview | None = None
+        self._pending_out: list[Buffer] | None = None
         self._reading = False
         self._read_lot: trio.lowlevel.ParkingLot | None = None
 
@@ -333,7 +375,7 @@ class WebSocketStream:
             return ConnectionClosed(*sent)
         return ConnectionClosed(_ABNORMAL, f"connection is {self.conn.state.name}")
 
-    async def _send_locked(self, data: bytes | memoryview) -> None:
+    async def _send_locked(self, data: Batch) -> None:
         """Write the rest of a :meth:`send_nowait`, ``data``, then any queued automatic
         replies; the caller holds the write slot."""
         if self._send_broken:
@@ -343,12 +385,16 @@ class WebSocketStream:
         # Cancelled here, nothing was written and the stream stays usable.
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
+            parts = _batch_parts(data)
             pending = self._pending_out
             if pending is not None:
                 self._pending_out = None
-                await stream.send_all(pending)
-            if data:
-                await stream.send_all(data)
+                parts = pending + parts
+            if parts:
+                if type(stream) is trio.SocketStream:
+                    await self._writev_all(stream.socket, parts)
+                else:
+                    await stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
             while conn.has_data_to_send:  # PONGs the reader queued while we wrote
                 await stream.send_all(conn.data_to_send())
         except _StreamErrors as exc:
@@ -359,6 +405,32 @@ class WebSocketStream:
             # any later frame would be read as its continuation.
             self._send_broken = True
             raise
+
+    @staticmethod
+    async def _writev_all(sock: trio.socket.SocketType, parts: list[Buffer]) -> None:
+        """``SocketStream.send_all`` for a list of buffers: ``writev`` until all is written.
+
+        The same errors (ClosedResourceError for a closed or shut-down socket,
+        BrokenResourceError for any other failure); the caller holds the write
+        slot and has checked for cancellation.
+        """
+        while parts:
+            fd = sock.fileno()
+            if fd < 0 or sock.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("this socket was already closed")
+            try:
+                if len(parts) == 1:
+                    written = os.write(fd, parts[0])
+                else:
+                    written = os.writev(fd, parts[:IOV_BATCH])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            parts = _rest(parts, written)
 
     async def send_binary(self, payload: bytes | bytearray | memoryview,
                           prefix: bytes = b"") -> None:
@@ -414,13 +486,14 @@ class WebSocketStream:
         finally:
             self._release_writer()
 
-    async def send_batch(self, data: bytes, stall_s: float) -> bool:
+    async def send_batch(self, data: Batch, stall_s: float) -> bool:
         """Send frames the caller encoded, in one write, giving up after ``stall_s``.
 
         The relay's hot path.  A TCP stream that takes all of ``data`` at
-        once is written directly (one ``write`` on its socket, no checkpoint,
-        no timer); only a write the kernel cannot take whole waits, for at
-        most ``stall_s`` seconds.
+        once is written directly (one ``write``, or one ``writev`` of a list
+        of buffers, on its socket; no checkpoint, no timer); only a write the
+        kernel cannot take whole waits, for at most ``stall_s`` seconds.
+        The buffers of a list must not change until this returns.
 
         Returns:
             True once everything was written; False if the write did not
@@ -437,13 +510,15 @@ class WebSocketStream:
         try:
             if self.conn.state is not _OPEN or self._send_broken:
                 raise self._send_refused()
-            written = 0
+            parts = _batch_parts(data)
             if self._pending_out is None:
-                written = self._write_nowait(data)
-                if written == len(data) and not self.conn.has_data_to_send:
+                written, total = self._write_nowait(parts)
+                if written == total and not self.conn.has_data_to_send:
                     return True
+                if written:
+                    parts = _rest(parts, written)
             with trio.move_on_after(stall_s) as stalled:
-                await self._send_locked(memoryview(data)[written:] if written else data)
+                await self._send_locked(parts)
             return not stalled.cancelled_caught
         finally:
             self._release_writer()
@@ -459,44 +534,61 @@ class WebSocketStream:
                 and self.conn.state is _OPEN and not self.conn.has_data_to_send
                 and type(self.stream) is trio.SocketStream)
 
-    def send_nowait(self, data: bytes) -> bool:
+    def send_nowait(self, data: Batch) -> bool:
         """Write frames the caller encoded from a synchronous context; no waiting.
 
         Only when :meth:`can_send_nowait` says so.  What the socket does not
-        take now is kept and goes out first with the next send (:meth:`send_batch`,
-        a PONG, the CLOSE), so the frames on the wire stay whole and in order;
-        the caller must then make sure a send follows (the relay wakes its
-        sender).
+        take now is kept (as views of ``data``: its buffers must not change)
+        and goes out first with the next send (:meth:`send_batch`, a PONG,
+        the CLOSE), so the frames on the wire stay whole and in order; the
+        caller must then make sure a send follows (the relay wakes its sender).
 
         Returns:
             True if every byte was written, False if some wait for the next send.
         """
         if not self.can_send_nowait():
             raise LocalProtocolError("send_nowait() while the stream cannot take it")
-        written = self._write_nowait(data)
-        if written == len(data):
+        parts = _batch_parts(data)
+        written, total = self._write_nowait(parts)
+        if written == total:
             return True
-        self._pending_out = memoryview(data)[written:]
+        self._pending_out = _rest(parts, written)
         return False
 
-    def _write_nowait(self, data: bytes) -> int:
-        """Write what a plain TCP socket takes now; 0 when it takes nothing or is not one.
+    def _write_nowait(self, parts: list[Buffer]) -> tuple[int, int]:
+        """Write what a plain TCP socket takes now: ``(bytes written, bytes in parts)``.
 
-        Errors are left to the waiting path (``send_all`` raises them,
-        translated), so they are reported in one place.  The caller holds the
-        write slot, so no other task writes the socket meanwhile.
+        0 written when the socket takes nothing or the stream is not a plain
+        socket.  Errors are left to the waiting path (:meth:`_send_locked`
+        raises them, translated), so they are reported in one place.  The
+        caller holds the write slot, so no other task writes the socket
+        meanwhile.
         """
+        total = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         stream = self.stream
-        if type(stream) is not trio.SocketStream:
-            return 0  # TLS and test streams: the waiting path
+        if type(stream) is not trio.SocketStream or not total:
+            return 0, total  # TLS and test streams: the waiting path
         sock = stream.socket
         fd = sock.fileno()
         if fd < 0 or sock.did_shutdown_SHUT_WR:
-            return 0
-        try:
-            return os.write(fd, data)
-        except OSError:  # EAGAIN (full), or a broken connection send_all reports
-            return 0
+            return 0, total
+        # OSError: EAGAIN (full), or a broken connection the waiting path reports.
+        if len(parts) == 1:
+            try:
+                return os.write(fd, parts[0]), total
+            except OSError:
+                return 0, total
+        written = 0
+        for i in range(0, len(parts), IOV_BATCH):
+            group = parts[i : i + IOV_BATCH]
+            try:
+                done = os.writev(fd, group)
+            except OSError:
+                break
+            written += done
+            if done < (total if len(parts) <= IOV_BATCH else sum(map(len, group))):
+                break
+        return written, total
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a PING (at most 125 bytes).  Its PONG reaches :attr:`heartbeat`.
@@ -756,12 +848,13 @@ async def server_handshake(
 
 
 async def accept_on(
-    stream: trio.abc.Stream, h11conn: h11.Connection,
+    stream: trio.abc.Stream, h11conn: h11.Connection | None,
     request: h11.Request | UpgradeRequest, subprotocol: str | None, *,
     extra_headers: Iterable[HeaderLike] = (),
     limits: WsLimits = DEFAULT_LIMITS,
     read_size: int = DEFAULT_READ_SIZE,
     close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+    trailing: bytes = b"",
 ) -> WebSocketStream:
     """Accept an upgrade whose request the caller already read with ``h11conn``.
 
@@ -769,6 +862,12 @@ async def accept_on(
     authenticates, picks the subprotocol, then calls this.  Passing the
     ``UpgradeRequest`` from its own :func:`parse_upgrade` call avoids parsing
     twice; an ``h11.Request`` is parsed here (without an Origin check).
+
+    ``h11conn`` None: the caller read the head itself and it announced no
+    body (``podterm.gateway.http.Exchange.take_over``); ``request`` must be
+    the ``UpgradeRequest`` and ``trailing`` holds the bytes that followed the
+    head.  The ``101`` is then written as bytes (:func:`accept_bytes`), in one
+    ``write`` when the socket takes it whole.
 
     Bytes the client sent after the request (a first frame, pipelined) are
     kept and processed by the first :meth:`WebSocketStream.receive_batch`.
@@ -778,6 +877,26 @@ async def accept_on(
             body; answered and ``stream`` closed, as in :func:`server_handshake`.
         LocalProtocolError: ``subprotocol`` was not offered or is a bearer token.
     """
+    if h11conn is None:
+        if not isinstance(request, UpgradeRequest):
+            raise TypeError("accept_on without an h11 connection needs the UpgradeRequest")
+        data = accept_bytes(request, subprotocol, [
+            (n if isinstance(n, str) else n.decode("latin-1"),
+             v if isinstance(v, str) else v.decode("latin-1")) for n, v in extra_headers])
+        ws = WebSocketStream(stream, WebSocketConnection(Role.SERVER, limits=limits),
+                             read_size=read_size, close_timeout_s=close_timeout_s,
+                             initial=trailing, subprotocol=subprotocol)
+        if type(stream) is trio.SocketStream:
+            # The 101 rides with the first frames the caller sends (the
+            # hello): one write instead of two.  The caller must send next.
+            ws._pending_out = [data]
+            return ws
+        try:
+            await stream.send_all(data)
+        except _StreamErrors as exc:
+            await trio.aclose_forcefully(stream)
+            raise HandshakeError("connection lost during the handshake", 400) from exc
+        return ws
     try:
         upgrade = request if isinstance(request, UpgradeRequest) else parse_upgrade(request)
         # h11 yields EndOfMessage for the (empty) body of the GET, then
