@@ -159,11 +159,16 @@ async def test_two_workers_share_the_port_the_sessions_and_the_metrics(tmp_path:
                 assert bytes(client.output) == sent[sid]
                 await client.send_detach()
                 await client.wait_closed()
-                forwarded = sum(per_worker(await metrics(gateway), "podterm_peer_forwards_total",
+                text = await metrics(gateway)
+                forwarded = sum(per_worker(text, "podterm_peer_forwards_total",
                                            outcome="success").values())
                 if forwarded >= 1:
                     break
             assert forwarded >= 1
+            # Every forwarded attach was handed over (the client's socket itself
+            # went to the holding worker): nothing was spliced through the other.
+            assert sum(per_worker(text, "podterm_peer_handoffs_total").values()) == forwarded
+            assert sum(per_worker(text, "podterm_peer_spliced_bytes_total").values()) == 0
 
             # SIGKILL one worker: the supervisor starts another in its place,
             # whose start marks the dead one's sessions closed.

@@ -72,6 +72,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -97,10 +98,11 @@ from podterm.errors import (
     UpstreamError,
 )
 from podterm.gateway.api import validate_create
+from podterm.gateway.handoff import HandoffRefused, handoff_path, send_connection
 from podterm.gateway.http import Request, Response, Upgraded
 from podterm.gateway.router import Call, Route
 from podterm.metrics import MetricFamily, counter, gauge, labelled, render
-from podterm.net.clientaddr import ClientAddress, Via
+from podterm.net.clientaddr import ClientAddress, PrefixedStream, Via
 from podterm.net.hostport import join_host_port, split_host_port
 from podterm.protocol.handshake import extract_bearer_subprotocol
 from podterm.session.registry import SessionRegistry
@@ -422,6 +424,9 @@ class Peers:
         self.peer_requests = 0
         self.auth_failures = 0
         self.bytes_spliced = 0
+        self.handoffs = 0
+        self._siblings: dict[str, int] = {}  # worker peer address -> index (peers.json)
+        self._siblings_read_at = -math.inf
 
     def __repr__(self) -> str:
         return (f"<Peers {self.address or 'unbound'} "
@@ -638,6 +643,10 @@ class Peers:
             await self._audit(request, holder, "rejected", http_status=503,
                               reason="draining")
             raise Unavailable("the gateway is draining; reconnect through the load balancer")
+        if request.is_upgrade and self.worker is not None:
+            handed = await self._hand_off(call, holder, identity)
+            if handed is not None:
+                return handed
         unreachable = f"session held by {holder}, unreachable; retry"
         stream: trio.abc.Stream | None = None
         body = b""
@@ -686,6 +695,52 @@ class Peers:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
+
+    async def _hand_off(self, call: Call, holder: str, identity: Identity) -> Upgraded | None:
+        """Give a sibling worker the client's socket itself (:mod:`podterm.gateway.handoff`).
+
+        Returns None, having changed nothing, when the connection cannot be
+        handed off (TLS, the holder is no worker of this machine, its hand-off
+        socket refuses): the caller splices instead.
+        """
+        assert self.worker is not None
+        sock = _plain_socket(call.stream)
+        if sock is None:
+            return None
+        index = await self._sibling_index(holder)
+        if index is None or index == self.worker.index:
+            return None
+        request = call.request
+        trailing, _ = call.conn.trailing_data
+        hconn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        payload = self._request_bytes(hconn, request, identity) + bytes(trailing)
+        path = handoff_path(os.path.dirname(self.worker.peers_file), index)
+        try:
+            acked = await send_connection(path, sock, payload)
+        except HandoffRefused as exc:
+            log.info("peer.handoff.refused %s to worker %d: %s; splicing", request.path,
+                     index, exc)
+            return None
+        self.handoffs += 1
+        await self._audit(request, holder, "success",
+                          reason=f"connection handed to worker {index}"
+                          + ("" if acked else " (no acknowledgement)"))
+        return Upgraded(None)  # serve_http closes this process's copy of the socket
+
+    async def _sibling_index(self, holder: str) -> int | None:
+        """The index of the worker whose peer address is ``holder`` (None: not a sibling).
+
+        ``peers.json`` is re-read when ``holder`` is unknown (a worker restarted
+        on a new port), at most once a second.
+        """
+        assert self.worker is not None
+        index = self._siblings.get(holder)
+        if index is None and trio.current_time() - self._siblings_read_at >= 1.0:
+            self._siblings_read_at = trio.current_time()
+            self._siblings = {address: i for i, address
+                              in (await self._worker_addresses(self.worker)).items()}
+            index = self._siblings.get(holder)
+        return index
 
     async def _dial(self, holder: str) -> trio.abc.Stream:
         host, port = parse_peer_address(holder)
@@ -826,6 +881,9 @@ class Peers:
             counter("podterm_peer_spliced_bytes_total",
                     "Bytes copied through spliced peer links, both directions.",
                     self.bytes_spliced),
+            counter("podterm_peer_handoffs_total",
+                    "WebSocket connections handed to the sibling worker holding their session "
+                    "(the socket itself, SCM_RIGHTS).", self.handoffs),
             counter("podterm_peer_requests_total",
                     "Requests a peer forwarded here, accepted.", self.peer_requests),
             counter("podterm_peer_auth_failures_total",
@@ -924,6 +982,15 @@ class Peers:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+
+
+def _plain_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` if nothing but bytes already read sits on it."""
+    if type(stream) is PrefixedStream and not stream.pending:
+        stream = stream.inner
+    if type(stream) is trio.SocketStream:
+        return stream.socket
+    return None
 
 
 # ------------------------------------------------------------ HTTP client

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h11
 import trio
 
 from podterm.audit.events import AuditEvent
@@ -68,7 +67,9 @@ from podterm.gateway.api import SESSION_ID, SessionsApi
 from podterm.gateway.attach import AttachHandler
 from podterm.gateway.auditor import Auditor, RequestContext
 from podterm.gateway.clients import ClientConnections, receive_proxy_header
+from podterm.gateway.handoff import handoff_path, serve_handoffs
 from podterm.gateway.http import (
+    Exchange,
     HttpLimits,
     Request,
     Response,
@@ -94,7 +95,7 @@ from podterm.gateway.static import StaticFiles
 from podterm.gateway.workers import open_listeners
 from podterm.gcprofile import GcController
 from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, MetricFamily
-from podterm.net.clientaddr import ClientAddressPolicy, resolve_connection
+from podterm.net.clientaddr import ClientAddressPolicy, PrefixedStream, resolve_connection
 from podterm.net.hostport import join_host_port
 from podterm.net.tls import CertReloader, server_context
 from podterm.protocol.handshake import OriginPolicy
@@ -558,7 +559,7 @@ class Gateway:
         return self.auditor.not_ready_reason()
 
     async def _dispatch(self, request: Request, stream: trio.abc.Stream,
-                        conn: h11.Connection) -> Response | Upgraded:
+                        conn: Exchange) -> Response | Upgraded:
         """The router, counting where each request's client address came from."""
         self.clients.count_request(request.client.via.value)
         return await self.router(request, stream, conn)
@@ -628,6 +629,15 @@ class Gateway:
             self._connections -= 1
             if not peer_link:
                 self.clients.release(client.ip)
+
+    async def _handle_handoff(self, stream: trio.SocketStream, head: bytes) -> None:
+        """Serve a connection a sibling worker handed over, starting with ``head``.
+
+        ``head`` is the request the sibling signed for this worker (the same
+        peer credentials a TCP forward carries) and the client's bytes after
+        it; the socket is the client's own.
+        """
+        await self._handle(PrefixedStream(stream, head), peer_link=True)
 
     async def _refuse_over_cap(self, stream: trio.abc.Stream, source: str, ip: str) -> None:
         """``429`` (``Retry-After: 1``) and a ``protocol.reject`` event for a connection
@@ -838,6 +848,13 @@ class Gateway:
                         with accept_scope:
                             public = listeners[:len(listeners) - len(peer_listeners)]
                             async with trio.open_nursery() as acceptors:
+                                if worker is not None:
+                                    # Sibling workers hand this one the sockets of
+                                    # clients whose sessions it holds (handoff.py).
+                                    await acceptors.start(functools.partial(
+                                        serve_handoffs, handoff_path(
+                                            os.path.dirname(worker.peers_file), worker.index),
+                                        self._handle_handoff, handler_nursery=connections))
                                 if peer_listeners:
                                     acceptors.start_soon(functools.partial(
                                         serve_listeners,

@@ -465,6 +465,11 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         return f"<PrefixedStream prefix={len(self._prefix)} inner={self.inner!r}>"
 
     @property
+    def pending(self) -> int:
+        """Bytes of the prefix not returned yet (0: reads go straight to ``inner``)."""
+        return len(self._prefix)
+
+    @property
     def socket(self) -> Any:
         """The inner stream's socket (``trio.SocketStream.socket``), or None."""
         return getattr(self.inner, "socket", None)
