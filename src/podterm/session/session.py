@@ -236,8 +236,9 @@ class SessionLimits:
         ring_chunk_bytes: the ring's unit of allocation; an idle session holds one.
         window_bytes: unacknowledged output allowed in flight (256 KiB,
             docs/protocol.md §6); must be below ``ring_bytes``.
-        read_bytes: most bytes asked of the upstream per read (64 KiB: a
-            PTY rarely returns more than 4 KiB, pipes 64 KiB).
+        read_bytes: most bytes asked of the upstream per read (256 KiB: a
+            PTY rarely returns more than 4 KiB, a pipe its capacity, which
+            the local upstream grows to 256 KiB for bulk output).
         input_buffer_bytes: accepted input not yet written to the upstream;
             beyond it the writer's link stops being read.  It must hold at
             least one ``window_bytes``: the client may have a whole window of
@@ -262,7 +263,7 @@ class SessionLimits:
     ring_bytes: int = 1 << 20
     ring_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     window_bytes: int = 256 * 1024
-    read_bytes: int = 65536
+    read_bytes: int = 262144
     input_buffer_bytes: int = 0
     grace_s: float = 600.0
     idle_timeout_s: float = 0.0
@@ -350,7 +351,7 @@ class Session:
         "exit_status", "end_reason", "cols", "rows", "last_activity", "attaches",
         "_stream", "_counters", "_marks", "_in_chunks", "_in_pending", "_stdin_dead",
         "_input_closed", "_input_eof_at",
-        "_credit_lot", "_input_lot", "_space_lot", "_status_lot", "_eof", "_delivered",
+        "_credit_lot", "_in_pumping", "_space_lot", "_status_lot", "_eof", "_delivered",
         "_throttled",
         "_closed", "_started", "_ever_attached", "_detached_since",
         "_timer_scope", "_kill_reason", "_on_closed", "_exited_by_itself", "_drain_reason",
@@ -413,7 +414,9 @@ class Session:
         self._input_closed = False  # close_input(): EOF once the buffer is written
         self._input_eof_at: int | None = None  # close_input_at(): EOF once input reaches it
         self._credit_lot = trio.lowlevel.ParkingLot()  # the output pump waits for credit
-        self._input_lot = trio.lowlevel.ParkingLot()  # the input pump waits for input
+        # The input pump runs only while input waits for the upstream (or its
+        # EOF is due): an idle session costs no task for it (_wake_input).
+        self._in_pumping = False
         self._space_lot = trio.lowlevel.ParkingLot()  # the writer's link waits for buffer space
         # One lot for every rare status change (EOF, EXIT delivered, exited,
         # closed): waiters re-check their condition.  Cheaper per idle session
@@ -439,7 +442,7 @@ class Session:
         self._lost: str | None = None  # why the upstream was lost, while restoring
         self._lost_context: Context | None = None
         self._restore_wanted = False  # input or a writer arrived while lost
-        self._notices: deque[str] = deque(maxlen=MAX_NOTICES)
+        self._notices: deque[str] | None = None  # made by the first notice
         self._watch: Callable[[Session, bool], None] | None = None  # the store mirror
         #: The session's recorder (set by the registry's hooks before it runs), or None.
         self.recorder: Recorder | None = None
@@ -622,7 +625,7 @@ class Session:
                 channel, data = await stream.receive_some(min(room, read_bytes))
                 if channel == _EOF:
                     break
-                if recorder is not None:
+                if recorder is not None and not recorder.output_nowait(data):
                     # Recorded before it enters the ring: no client ever sees
                     # output the recording lacks (waits while the writer is behind).
                     await recorder.output(data)
@@ -756,7 +759,7 @@ class Session:
                     chunks = self._in_chunks = deque()
                 chunks.append(piece[written:] if written else piece)
                 self._in_pending += len(piece) - written
-                self._input_lot.unpark_all()
+                self._wake_input()
             self.in_offset += len(piece)
             if written:
                 self._in_sent += written
@@ -771,9 +774,31 @@ class Session:
             if eof_at is not None and self.in_offset >= eof_at:
                 self.close_input()  # the client's EOF offset is reached
 
+    def _wake_input(self) -> None:
+        """Start the input pump if input (or the EOF) waits for it and none runs."""
+        nursery = self._nursery
+        if (self._in_pumping or nursery is None or self._lost is not None
+                or self._stdin_dead or not (self._in_chunks or self._input_closed)):
+            return
+        self._in_pumping = True
+        nursery.start_soon(self._pump_input)
+
     async def _pump_input(self) -> None:
-        """Write accepted input to the upstream, in order; the only writer of it."""
+        """Write accepted input to the upstream, in order; the only writer of it.
+
+        Started by :meth:`_wake_input` when input has to wait for the upstream
+        (or its EOF is due); returns once the buffer is empty, so an idle
+        session has no input task.
+        """
         stream = self._stream
+        try:
+            await self._write_buffered_input(stream)
+        finally:
+            self._in_pumping = False
+        if stream is not self._stream:
+            self._wake_input()  # restored meanwhile: the new shell's turn
+
+    async def _write_buffered_input(self, stream: UpstreamStream) -> None:
         recorder = self.recorder
         if recorder is not None and not recorder.record_input:
             recorder = None  # input is not recorded: no call per piece
@@ -792,8 +817,8 @@ class Session:
                         return  # lost (the supervisor restores or ends the session)
                     self._stdin_dead = True
                     return
-                await self._input_lot.park()
-                continue
+                self._in_chunks = None  # 760 bytes an idle session does without
+                return  # nothing waits: the next input that must wait starts a pump
             piece = chunks[0]
             try:
                 await stream.send_stdin(piece)
@@ -836,7 +861,7 @@ class Session:
         ``FF 00`` of a kubectl client, and exec without stdin.)
         """
         self._input_closed = True
-        self._input_lot.unpark_all()
+        self._wake_input()
 
     def close_input_at(self, offset: int) -> None:
         """podterm.v1 ``stdin_eof``: close the input once input offset ``offset`` is accepted.
@@ -985,9 +1010,9 @@ class Session:
 
     def _hello_notices(self, mode: Mode) -> tuple[str, ...]:
         """Restore notices for a ``hello``; a writer's attach also triggers a pending restore."""
-        notices = list(self._notices)
+        notices = list(self._notices or ())
         if mode is Mode.RW:
-            self._notices.clear()  # the writer has been told
+            self._notices = None  # the writer has been told
         if self._lost is not None:
             where = "" if self._lost_context is None else f"{_where(self._lost_context)} "
             notices.append(f"the connection to the pod was lost; a new shell starts {where}now")
@@ -1181,7 +1206,7 @@ class Session:
                 self._nursery = nursery
                 self._out_pumping = True
                 nursery.start_soon(self._pump_output)
-                nursery.start_soon(self._pump_input)
+                self._wake_input()  # input accepted before the start, or an EOF
                 task_status.started()
                 reason = await self._supervise()
                 nursery.cancel_scope.cancel()
@@ -1342,6 +1367,8 @@ class Session:
         self._restore_wanted = False
         self._eof = False
         self.restores += 1
+        if self._notices is None:
+            self._notices = deque(maxlen=MAX_NOTICES)
         self._notices.append(note)
         await self._notice_output(note)
         log.info("session.restore.complete %s: %s", self.id, note)
@@ -1349,7 +1376,7 @@ class Session:
         assert nursery is not None
         self._out_pumping = True
         nursery.start_soon(self._pump_output)
-        nursery.start_soon(self._pump_input)
+        self._wake_input()  # what the lost shell did not get goes to the new one
         self._credit_lot.unpark_all()
         return None
 

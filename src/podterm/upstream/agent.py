@@ -421,7 +421,8 @@ class TunnelStream:
         self.spec = spec
         self.window = window
         self._tunnel = tunnel
-        self._inbox: deque[tuple[int, bytes, int]] = deque()  # (channel, data, tunnel bytes)
+        # (channel, data, tunnel bytes); None while empty (760 bytes an idle stream saves)
+        self._inbox: deque[tuple[int, bytes, int]] | None = None
         self._inbox_bytes = 0
         self._lot = trio.lowlevel.ParkingLot()
         #: Input not yet acknowledged by the agent; never more than one window.
@@ -476,7 +477,10 @@ class TunnelStream:
 
     def deliver(self, channel: int, data: bytes) -> None:
         """Output from the agent (the mux accounted for it)."""
-        self._inbox.append((channel, data, len(data)))
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
+        inbox.append((channel, data, len(data)))
         self._inbox_bytes += len(data)
         self._lot.unpark_all()
 
@@ -503,6 +507,8 @@ class TunnelStream:
             # text; a pipe's bytes must stay exactly the program's.
             notice = (f"\r\n[podterm: {gap.lost} bytes of output were lost while the "
                       f"pod's agent was disconnected]\r\n").encode()
+            if self._inbox is None:
+                self._inbox = deque()
             self._inbox.append((_STDOUT, notice, 0))
             self._inbox_bytes += len(notice)
         self._lot.unpark_all()
@@ -574,6 +580,7 @@ class TunnelStream:
 
     def _take(self, max_bytes: int) -> tuple[int, bytes]:
         inbox = self._inbox
+        assert inbox is not None
         channel, data, counted = inbox.popleft()
         if len(data) > max_bytes:
             rest = data[max_bytes:]
@@ -593,9 +600,31 @@ class TunnelStream:
             if len(pieces) > 1:
                 data = b"".join(pieces)
         self._inbox_bytes -= len(data)
+        if not inbox:
+            self._inbox = None
         if counted:
             self._tunnel.consumed(self, counted)
         return channel, data
+
+    def send_stdin_nowait(self, data: bytes) -> int:
+        """Put what fits of ``data`` in the input log now, without waiting; return the count.
+
+        The relay's fast path (the session hands a keystroke to the tunnel
+        from the link's own task, no input pump).  0 means nothing was taken:
+        the log is full, or the stream cannot take input now (another task is
+        sending, stdin or the stream is closed, the process is gone); the
+        caller then queues ``data`` for :meth:`send_stdin`, which waits, or
+        raises the error that applies.
+        """
+        if (self._sending or self.closed or self._stdin_closed or self.exit is not None
+                or self.lost is not None or not data):
+            return 0
+        n = min(len(data), self.log.space)
+        if n <= 0:
+            return 0
+        self.log.append(memoryview(data)[:n] if n < len(data) else data)
+        self._tunnel.mark_dirty(self)
+        return n
 
     async def send_stdin(self, data: bytes | bytearray | memoryview) -> None:
         """Put every byte of ``data`` in the input log, waiting while it is full."""
