@@ -98,31 +98,68 @@ class Upstream:
     pods: list[str] = field(default_factory=list)  # "namespace/pod", agent only
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     agent_token_file: Path | None = None
+    placement: dict[int, int] = field(default_factory=dict)  # worker -> agents
 
-    def start(self, gw: C.GatewayProcess, workdir: Path) -> None:
-        """Start the agents (after the gateway, which they dial) and wait until registered."""
+    def start(self, gw: C.GatewayProcess, workdir: Path, workers: int = 1) -> None:
+        """Start the agents (after the gateway, which they dial) and wait until registered.
+
+        With ``workers`` > 1 each agent's tunnel lands on whichever worker the
+        kernel picks (SO_REUSEPORT), and its sessions live there: an agent
+        that lands on a worker that has its share already is restarted (a new
+        connection, hashed anew), so that every worker holds as many agents,
+        and so as many sessions, as the others.  Bounded: 20 tries per agent.
+        """
+        quota = math.ceil(len(self.pods) / workers)
+        placed: dict[int, int] = {}
         for i, pod in enumerate(self.pods):
-            namespace, name = pod.split("/")
-            ready = workdir / f"agent-{i}.ready.json"
-            log = open(workdir / f"agent-{i}.log", "wb")  # noqa: SIM115
-            self.agents.append(subprocess.Popen(
-                [sys.executable, "-m", "podterm", "agent", "--echo", "--gateway", gw.url,
-                 "--token-file", str(self.agent_token_file), "--namespace", namespace,
-                 "--pod", name, "--ready-file", str(ready), "--log-level", "warning"],
-                env=C.child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=str(C.ROOT)))
-            log.close()
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if self.agents[-1].poll() is not None or time.monotonic() > deadline:
-                    tail = (workdir / f"agent-{i}.log").read_text(errors="replace")[-1500:]
-                    raise RuntimeError(f"echo agent {pod} did not register: {tail}")
-                time.sleep(0.05)  # polling a file the agent writes once registered
+            for attempt in range(20):
+                before = per_worker(gw.url, "podterm_agents_connected") if workers > 1 else {}
+                self._start_agent(gw, workdir, i, pod)
+                if workers <= 1:
+                    break
+                after = per_worker(gw.url, "podterm_agents_connected")
+                landed = [w for w in after if after[w] > before.get(w, 0)]
+                if len(landed) == 1 and placed.get(landed[0], 0) < quota:
+                    placed[landed[0]] = placed.get(landed[0], 0) + 1
+                    break
+                if attempt == 19:
+                    raise RuntimeError(f"echo agent {pod}: no worker with room after 20 tries "
+                                       f"(placed {placed})")
+                agent = self.agents.pop()
+                agent.terminate()
+                agent.wait(15)
+                # Its lease and tunnel are gone once the gateway saw it leave.
+                deadline = time.monotonic() + 15
+                while per_worker(gw.url, "podterm_agents_connected") != before:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"echo agent {pod} did not leave the gateway")
+                    time.sleep(0.05)  # polling /metrics; bounded above
+        self.placement = placed
 
-    def memory(self, gw: C.GatewayProcess) -> C.TreeMemory:
+    def _start_agent(self, gw: C.GatewayProcess, workdir: Path, i: int, pod: str) -> None:
+        namespace, name = pod.split("/")
+        ready = workdir / f"agent-{i}.ready.json"
+        ready.unlink(missing_ok=True)
+        log = open(workdir / f"agent-{i}.log", "wb")  # noqa: SIM115
+        self.agents.append(subprocess.Popen(
+            [sys.executable, "-m", "podterm", "agent", "--echo", "--gateway", gw.url,
+             "--token-file", str(self.agent_token_file), "--namespace", namespace,
+             "--pod", name, "--ready-file", str(ready), "--log-level", "warning"],
+            env=C.child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            cwd=str(C.ROOT)))
+        log.close()
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.agents[-1].poll() is not None or time.monotonic() > deadline:
+                tail = (workdir / f"agent-{i}.log").read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"echo agent {pod} did not register: {tail}")
+            time.sleep(0.05)  # polling a file the agent writes once registered
+
+    def memory(self, tree: GatewayTree) -> C.TreeMemory:
         """The upstream's own memory: the shells (local) or the agent processes."""
         if self.kind == "local":
-            return C.tree_memory(gw.children())
+            tree.gw.children()  # remembered for cleanup
+            return C.tree_memory(tree.shell_pids())
         return C.tree_memory(a.pid for a in self.agents if a.poll() is None)
 
     def stop(self) -> None:
@@ -137,11 +174,45 @@ class Upstream:
                 agent.wait()
 
 
+class GatewayTree:
+    """The gateway's processes: itself, or with ``--workers N`` its supervisor and workers.
+
+    RSS, CPU, descriptors and time spent waiting for a CPU are summed over
+    them; the upstream's shells (local) are the workers' children.
+    """
+
+    def __init__(self, gw: C.GatewayProcess, workers: int) -> None:
+        self.gw = gw
+        self.workers = workers
+
+    def worker_pids(self) -> list[int]:
+        return C.children_of(self.gw.pid) if self.workers > 1 else [self.gw.pid]
+
+    def pids(self) -> list[int]:
+        return [self.gw.pid, *self.worker_pids()] if self.workers > 1 else [self.gw.pid]
+
+    def shell_pids(self) -> list[int]:
+        return [kid for pid in self.worker_pids() for kid in C.children_of(pid)]
+
+    def rss(self) -> int:
+        return sum(C.rss_bytes(pid) for pid in self.pids())
+
+    def cpu(self) -> float:
+        return sum(C.cpu_seconds(pid) for pid in self.pids())
+
+    def sched_wait(self) -> float:
+        return sum(C.sched_wait_seconds(pid) for pid in self.pids())
+
+    def fds(self) -> list[int]:
+        """Open descriptors of each worker (one entry without workers)."""
+        return [open_fds(pid) for pid in self.worker_pids()]
+
+
 #: Streams one echo agent accepts (docs/agent.md: 4,096; its RESUME must fit 1 MiB).
 AGENT_STREAMS = 4000
 
 
-def make_upstream(kind: str, workdir: Path, sessions: int) -> Upstream:
+def make_upstream(kind: str, workdir: Path, sessions: int, workers: int = 1) -> Upstream:
     """Gateway flags/env for the sessions' upstream; raises SystemExit if unavailable."""
     if kind == "local":
         return Upstream("local")
@@ -158,7 +229,8 @@ def make_upstream(kind: str, workdir: Path, sessions: int) -> Upstream:
     tokens.write_text(f'{agent_token},bench-agent,bench-agent,"podterm:agents"\n')
     token_file = workdir / "agent.token"
     token_file.write_text(agent_token + "\n")
-    n_agents = max(1, math.ceil(sessions / AGENT_STREAMS))
+    per_worker_agents = max(1, math.ceil(sessions / workers / AGENT_STREAMS))
+    n_agents = per_worker_agents * workers
     return Upstream("agent", gateway_args=["--token-file", str(tokens)],
                     gateway_env={"PODTERM_ADMIN_TOKEN": admin_token},
                     pods=[f"loadtest/echo-{i}" for i in range(n_agents)],
@@ -241,9 +313,35 @@ def scrape_metrics(url: str) -> dict[str, float]:
             continue
         name, _, value = line.rpartition(" ")
         try:
-            out[name] = float(value)
+            number = float(value)
         except ValueError:
             continue
+        # --workers: every worker's series carries worker="i"; add them up
+        # (the largest for a maximum), as one gateway.
+        name = _WORKER_LABEL.sub("", name).replace("{}", "")
+        if name in out:
+            number = max(out[name], number) if "_max" in name else out[name] + number
+        out[name] = number
+    return out
+
+
+_WORKER_LABEL = re.compile(r'(?<=\{)worker="\d+",?|,worker="\d+"')
+
+
+def per_worker(url: str, name: str) -> dict[int, float]:
+    """One metric's value per worker (``{0: value}`` for a gateway without workers)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[int, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            m = re.search(r'worker="(\d+)"', key)
+            index = int(m.group(1)) if m else 0
+            out[index] = out.get(index, 0.0) + float(value)
     return out
 
 
@@ -375,7 +473,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                          f"{FD_BUDGET} fd budget; use more --loadgens")
     C.raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="podterm-capacity-"))
-    upstream = make_upstream(ns.upstream, workdir, steps[-1])
+    if ns.workers > 1 and (ns.tracemalloc or ns.gc_trace or ns.profile):
+        raise SystemExit("capacity: --tracemalloc, --gc-trace and --profile need one worker")
+    upstream = make_upstream(ns.upstream, workdir, steps[-1], ns.workers)
     env = {"PODTERM_MAX_SESSIONS": str(steps[-1] + 100), "PODTERM_MAX_SESSIONS_PER_USER": "0",
            "PODTERM_MAX_CONNECTIONS_PER_IP": "0", **upstream.gateway_env}
     if ns.gc_trace or ns.tracemalloc:
@@ -383,12 +483,16 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     C.progress(f"starting the gateway and {ns.loadgens} load generators "
                f"(steps {', '.join(map(str, steps))})")
     gc_args = ["--gc-profile", ns.gc_profile] if ns.gc_profile else []
-    gw = C.start_gateway(args=["--drain-timeout", "3s", *gc_args, *upstream.gateway_args],
-                         env=env, workdir=workdir)
+    worker_args = ["--workers", str(ns.workers)] if ns.workers > 1 else []
+    if ns.store:
+        worker_args += ["--store", ns.store]
+    gw = C.start_gateway(args=["--drain-timeout", "3s", *gc_args, *worker_args,
+                               *upstream.gateway_args], env=env, workdir=workdir)
+    tree = GatewayTree(gw, ns.workers)
     gens: list[LoadGenProc] = []
     result: dict[str, Any] = {"steps": []}
     try:
-        upstream.start(gw, workdir)
+        upstream.start(gw, workdir, ns.workers)
         sources = C.source_addresses(ns.loadgens)
         gens = [LoadGenProc(i, gw, src, ns, workdir, upstream.pods)
                 for i, src in enumerate(sources)]
@@ -402,8 +506,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             gen.sessions = 1
         warm = len(gens)
         time.sleep(0.5)  # the gateway settles before RSS is read
-        base_rss = gw.rss()
-        base_fds = open_fds(gw.pid)
+        base_rss = tree.rss()
+        base_fds = sum(tree.fds())
         result["baseline"] = {"gateway_rss": base_rss, "sessions": warm, "fds": base_fds}
         if ns.tracemalloc:
             os.kill(gw.pid, signal.SIGUSR2)  # start tracing: what sessions allocate from here
@@ -414,10 +518,10 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                       for i in range(len(gens))]
             C.progress(f"step {target}: opening {missing} sessions")
             t0 = time.perf_counter()
-            cpu0 = gw.cpu()
+            cpu0 = tree.cpu()
             answers = broadcast(gens, [{"cmd": "open", "count": k} for k in shares])
             open_s = time.perf_counter() - t0
-            open_cpu = gw.cpu() - cpu0
+            open_cpu = tree.cpu() - cpu0
             opened = sum(a["opened"] for a in answers)
             failed = sum(a["failed"] for a in answers)
             for gen, answer in zip(gens, answers, strict=True):
@@ -428,17 +532,19 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             if ns.tracemalloc and target == steps[-1]:
                 result["tracemalloc"] = read_tracemalloc(gw, env, live - warm)
             time.sleep(1.0)  # the shells finish starting before memory is read
-            rss = gw.rss()
-            shells = upstream.memory(gw)
-            fds = open_fds(gw.pid)
+            rss = tree.rss()
+            shells = upstream.memory(tree)
+            worker_fds = tree.fds()
+            fds = sum(worker_fds)
+            held = per_worker(gw.url, "podterm_sessions")
             C.progress(f"  {opened} opened ({failed} failed) in {open_s:.1f} s; gateway RSS "
                        f"{C.fmt_bytes(rss)}, {shells.processes} upstream processes "
                        f"({C.fmt_bytes(shells.rss)}), {fds} fds")
             # Idle cost first (heartbeats, timers, the lag probe), so that the
             # CPU per keystroke can be given net of it.
-            cpu0, t0 = gw.cpu(), time.perf_counter()
+            cpu0, t0 = tree.cpu(), time.perf_counter()
             time.sleep(ns.idle_measure)  # measuring an idle gateway is waiting
-            idle_cpu_rate = (gw.cpu() - cpu0) / (time.perf_counter() - t0)
+            idle_cpu_rate = (tree.cpu() - cpu0) / (time.perf_counter() - t0)
             metrics0 = scrape_metrics(gw.url)
             gc0 = C.read_gc_trace(env)
             spy = None
@@ -446,14 +552,14 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
                 profile_path = C.RESULTS_DIR / "capacity-profile.txt"
                 spy = C.start_pyspy(gw.pid, profile_path, ns.measure)
-            cpu0, wait0, wall0 = gw.cpu(), C.sched_wait_seconds(gw.pid), time.time()
+            cpu0, wait0, wall0 = tree.cpu(), tree.sched_wait(), time.time()
             t0 = time.perf_counter()
             answers = broadcast(gens, [{"cmd": "type", "fraction": ns.typing_fraction,
                                         "seconds": ns.measure,
                                         "keys_per_s": ns.keys_per_s}] * len(gens))
             type_s = time.perf_counter() - t0
-            type_cpu = gw.cpu() - cpu0
-            sched_wait = C.sched_wait_seconds(gw.pid) - wait0
+            type_cpu = tree.cpu() - cpu0
+            sched_wait = tree.sched_wait() - wait0
             wall1 = time.time()
             metrics1 = scrape_metrics(gw.url)
             time.sleep(0.6)  # the GC trace file is rewritten at most every 0.5 s
@@ -472,6 +578,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 "gateway_rss": rss,
                 "gateway_rss_per_session": (rss - base_rss) / max(1, live - warm),
                 "gateway_fds": fds,
+                "workers": ns.workers,
+                "worker_fds": worker_fds,
+                "worker_sessions": {str(k): v for k, v in sorted(held.items())},
                 "shells": {"processes": shells.processes, "rss_sum": shells.rss,
                            "pss_sum": shells.pss},
                 "typists": sum(a["typists"] for a in answers),
@@ -570,6 +679,12 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             + C.table(headers, rows)
             + f"\n\nEcho check at {echo.get('total', 0):,} sessions: {echo.get('echoed', 0):,} "
             f"echoed (p99 {C.fmt_ms(echo.get('latency', {}).get('p99', math.nan))})")
+    last = result["steps"][-1] if result["steps"] else {}
+    if last.get("workers", 1) > 1:
+        held = ", ".join(f"worker {k}: {int(v):,}" for k, v in last["worker_sessions"].items())
+        text += (f"\n\n{last['workers']} workers at {last['sessions']:,} sessions: sessions "
+                 f"held {held}; descriptors per worker "
+                 f"{', '.join(f'{n:,}' for n in last['worker_fds'])}")
     final = result.get("gc_final")
     if final:
         text += (f"\nGC profile {final['profile']}: worst pause since start "
@@ -652,6 +767,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", type=float, default=10.0, help="typing seconds per step (10)")
     p.add_argument("--echo-timeout", type=float, default=60.0, help="bound on the echo check")
     p.add_argument("--upstream", default="local", choices=["local", "agent"])
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway worker processes (podterm serve --workers N; default 1)")
+    p.add_argument("--store", default="",
+                   help="the gateway's --store (default: its own; with workers, a private "
+                        "SQLite file); e.g. redis://127.0.0.1:6379/0 of a server you started")
     p.add_argument("--shell", default="/bin/sh",
                    help="login shell of the local upstream (/bin/sh; /bin/bash loads its "
                    "completion scripts at start, ~0.3 s of CPU per session)")

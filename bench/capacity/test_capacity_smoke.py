@@ -61,3 +61,22 @@ def test_capacity_benchmark_compares_gc_profiles(tmp_path: Path) -> None:
         assert math.isfinite(summary["gateway_rss_per_session"])
         assert summary["gc_max_s"] >= 0
     assert "GC profiles compared at 8 sessions" in doc["report"]
+
+
+def test_capacity_benchmark_with_workers_over_the_echo_agent(tmp_path: Path) -> None:
+    """``--workers 2 --upstream agent``: one echo agent per worker, sessions on both,
+    attaches handed to the holding worker (one descriptor per session there)."""
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(RUN), "--tiny", "--steps", "8", "--workers", "2",
+                           "--upstream", "agent", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    step = doc["steps"][-1]
+    assert step["workers"] == 2 and step["failed"] == 0
+    assert step["keys"] > 0 and step["echoed"] == step["keys"]
+    # Sessions sit with their pod's agent: one agent per worker, the same count each.
+    assert step["worker_sessions"] == {"0": 4.0, "1": 4.0}
+    assert len(step["worker_fds"]) == 2
+    assert doc["echo_all"] == {**doc["echo_all"], "echoed": 8, "total": 8}
+    assert "2 workers at 8 sessions" in doc["report"]
