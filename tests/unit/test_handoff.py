@@ -47,12 +47,13 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.socket.SocketType, trio.So
 
 async def test_a_handed_off_connection_is_served_by_the_receiver(tmp_path: Path) -> None:
     path = handoff_path(str(tmp_path), 1)
-    got: list[tuple[bytes, bytes]] = []
+    got: list[tuple[bytes, bytes, tuple[str, str]]] = []
     served = trio.Event()
 
-    async def handler(stream: trio.SocketStream, payload: bytes) -> None:
+    async def handler(stream: trio.SocketStream, payload: bytes,
+                      client: tuple[str, str]) -> None:
         data = await stream.receive_some(100)
-        got.append((payload, data))
+        got.append((payload, data, client))
         await stream.send_all(b"served by the receiver: " + data)
         await stream.aclose()
         served.set()
@@ -63,7 +64,8 @@ async def test_a_handed_off_connection_is_served_by_the_receiver(tmp_path: Path)
                 path, handler, handler_nursery=nursery, task_status=task_status))
             assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
             client, sock, listener = await tcp_pair()
-            assert await send_connection(path, sock, b"GET / HTTP/1.1\r\n\r\n")
+            assert await send_connection(path, sock, b"GET / HTTP/1.1\r\n\r\n",
+                                         client=("192.0.2.7", "proxy"))
             sock.close()  # the forwarder's copy: the connection lives on
             await listener.aclose()
             await client.send_all(b"hello")
@@ -75,7 +77,7 @@ async def test_a_handed_off_connection_is_served_by_the_receiver(tmp_path: Path)
                 answer += chunk
             await served.wait()
             assert answer == b"served by the receiver: hello"
-            assert got == [(b"GET / HTTP/1.1\r\n\r\n", b"hello")]
+            assert got == [(b"GET / HTTP/1.1\r\n\r\n", b"hello", ("192.0.2.7", "proxy"))]
             await client.aclose()
             nursery.cancel_scope.cancel()
     assert not os.path.exists(path)  # removed when the listener stops
@@ -85,9 +87,14 @@ async def test_nothing_is_delivered_without_a_listener(tmp_path: Path) -> None:
     client, sock, listener = await tcp_pair()
     try:
         with pytest.raises(HandoffRefused):
-            await send_connection(str(tmp_path / "handoff-7.sock"), sock, b"head")
+            await send_connection(str(tmp_path / "handoff-7.sock"), sock, b"head",
+                                  client=("127.0.0.1", "socket"))
         with pytest.raises(HandoffRefused):
-            await send_connection(str(tmp_path / "x.sock"), sock, b"x" * (MAX_PAYLOAD_BYTES + 1))
+            await send_connection(str(tmp_path / "x.sock"), sock, b"x" * (MAX_PAYLOAD_BYTES + 1),
+                                  client=("127.0.0.1", "socket"))
+        with pytest.raises(HandoffRefused):
+            await send_connection(str(tmp_path / "x.sock"), sock, b"head",
+                                  client=("127.0.0.1" * 20, "socket"))
         # Still ours and still connected.
         await sock.send(b"still here")
         assert await client.receive_some(100) == b"still here"
@@ -111,19 +118,20 @@ async def raw_handoff(path: str, message: bytes, fds: list[int]) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["no_descriptor", "two_descriptors", "bad_magic", "too_long",
-                                  "not_a_socket", "short"])
+                                  "not_a_socket", "short", "no_client", "client_too_long"])
 async def test_malformed_handoffs_are_refused_and_their_descriptors_closed(
         tmp_path: Path, case: str) -> None:
     path = handoff_path(str(tmp_path), 0)
     handled: list[bytes] = []
     took_one = trio.Event()
 
-    async def handler(stream: trio.SocketStream, payload: bytes) -> None:
+    async def handler(stream: trio.SocketStream, payload: bytes,
+                      client: tuple[str, str]) -> None:
         handled.append(payload)
         await stream.aclose()
         took_one.set()
 
-    good = struct.pack("!4sI", b"PTH1", 4) + b"head"
+    good = struct.pack("!4sIH", b"PTH1", 4, 16) + b"127.0.0.1 socket" + b"head"
     with trio.fail_after(WAIT_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: serve_handoffs(
@@ -135,9 +143,12 @@ async def test_malformed_handoffs_are_refused_and_their_descriptors_closed(
             message, fds = {
                 "no_descriptor": (good, []),
                 "two_descriptors": (good, [sock.fileno(), other_sock.fileno()]),
-                "bad_magic": (struct.pack("!4sI", b"HTTP", 4) + b"head", [sock.fileno()]),
-                "too_long": (struct.pack("!4sI", b"PTH1", MAX_PAYLOAD_BYTES + 1),
+                "bad_magic": (b"HTTP" + good[4:], [sock.fileno()]),
+                "too_long": (struct.pack("!4sIH", b"PTH1", MAX_PAYLOAD_BYTES + 1, 0),
                              [sock.fileno()]),
+                "no_client": (struct.pack("!4sIH", b"PTH1", 4, 0) + b"head", [sock.fileno()]),
+                "client_too_long": (struct.pack("!4sIH", b"PTH1", 4, 1000) + b"x" * 1004,
+                                    [sock.fileno()]),
                 "not_a_socket": (good, [pipe_r]),
                 "short": (good[:-2], [sock.fileno()]),
             }[case]
@@ -160,7 +171,8 @@ async def test_malformed_handoffs_are_refused_and_their_descriptors_closed(
             await sock.send(b"ok")
             assert await client.receive_some(10) == b"ok"
             # And the receiver still takes a good hand-off afterwards.
-            assert await send_connection(path, other_sock, b"head")
+            assert await send_connection(path, other_sock, b"head",
+                                         client=("127.0.0.1", "socket"))
             await took_one.wait()
             assert handled == [b"head"]
             for s in (sock, other_sock):

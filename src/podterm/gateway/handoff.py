@@ -16,12 +16,16 @@ Wire format, one hand-off per Unix connection (the holder listens on
 ``handoff-<index>.sock`` in the supervisor's private ``0700`` directory, so
 only processes of the same user reach it)::
 
-    forwarder → holder:  b"PTH1" + u32 length (big-endian) + payload,
-                         the client socket as the one SCM_RIGHTS descriptor
-                         of the first message
+    forwarder → holder:  b"PTH1" + u32 payload length + u16 client length
+                         (big-endian) + client + payload, the client socket
+                         as the one SCM_RIGHTS descriptor of the first message
     holder → forwarder:  b"\\x01" once it owns the descriptor
 
-``payload`` is what the holder serves before reading the socket: the request
+``client`` is the client's address as the forwarder resolved it (PROXY header
+included), ``IP VIA`` in ASCII: the holder counts the connection against that
+address's ``--max-connections-per-ip`` share from then on (the forwarder
+releases its count when it lets go).  ``payload`` is what the holder serves
+before reading the socket: the request
 head the forwarder signed for it (``X-Podterm-Peer-*``, the same credentials
 a TCP peer forward carries, :meth:`Peers.forward`), then any bytes the client
 sent after its head.  A message without exactly one stream-socket
@@ -65,7 +69,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAGIC: Final = b"PTH1"
-_HEADER: Final = struct.Struct("!4sI")
+_HEADER: Final = struct.Struct("!4sIH")
+#: An IPv6 address, a space and the longest ``via`` name fit in far less.
+MAX_CLIENT_BYTES: Final = 128
 #: The signed request head (the gateway's head limit is 16 KiB) plus the
 #: client's bytes after it, which a WebSocket client does not send before
 #: the 101 (RFC 6455 §4.1): 64 KiB is ample and still a bound.
@@ -84,8 +90,11 @@ def handoff_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"handoff-{index}.sock")
 
 
-async def send_connection(path: str, sock: trio.socket.SocketType, payload: bytes) -> bool:
+async def send_connection(path: str, sock: trio.socket.SocketType, payload: bytes, *,
+                          client: tuple[str, str]) -> bool:
     """Hand ``sock`` (a connected TCP socket) to the worker listening at ``path``.
+
+    ``client`` is ``(ip, via)``: whose connection it is (see the module docstring).
 
     The caller bounds the wait (this takes :data:`HANDOFF_TIMEOUT_S` at most
     for the ACK on its own).
@@ -102,9 +111,12 @@ async def send_connection(path: str, sock: trio.socket.SocketType, payload: byte
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise HandoffRefused(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
+    who = " ".join(client).encode("ascii", "replace")
+    if len(who) > MAX_CLIENT_BYTES or len(client) != 2 or " " in client[0]:
+        raise HandoffRefused(f"client {client!r} cannot be sent")
     unix = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        message = _HEADER.pack(MAGIC, len(payload)) + payload
+        message = _HEADER.pack(MAGIC, len(payload), len(who)) + who + payload
         try:
             with trio.fail_after(HANDOFF_TIMEOUT_S):
                 await unix.connect(path)
@@ -127,13 +139,14 @@ async def send_connection(path: str, sock: trio.socket.SocketType, payload: byte
         unix.close()
 
 
-Handler = Callable[[trio.SocketStream, bytes], Awaitable[None]]
+Handler = Callable[[trio.SocketStream, bytes, tuple[str, str]], Awaitable[None]]
 
 
 async def serve_handoffs(path: str, handler: Handler, *, handler_nursery: trio.Nursery,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
-    """Listen at ``path`` and start ``handler(stream, payload)`` for every connection handed over.
+    """Listen at ``path`` and start ``handler(stream, payload, (ip, via))`` for every
+    connection handed over.
 
     The socket file is created ``0600`` (the directory is the supervisor's
     private one) and removed when this returns.  Each hand-off is read under
@@ -171,14 +184,14 @@ async def _receive_one(conn: trio.socket.SocketType, handler: Handler,
     fd = -1
     try:
         with trio.move_on_after(HANDOFF_TIMEOUT_S):
-            fd, payload = await _read_message(conn)
-            client = _stream_for(fd)
+            fd, who, payload = await _read_message(conn)
+            stream = _stream_for(fd)
             fd = -1  # the stream owns it now
             try:
                 await conn.send(_ACK)
             except OSError:
                 pass  # the forwarder gave up waiting: the connection is ours anyway
-            handler_nursery.start_soon(handler, client, payload)
+            handler_nursery.start_soon(handler, stream, payload, who)
     except _BadHandoff as exc:
         log.warning("worker.handoff.refused: %s", exc)
     finally:
@@ -191,9 +204,9 @@ class _BadHandoff(Exception):
     pass
 
 
-async def _read_message(conn: trio.socket.SocketType) -> tuple[int, bytes]:
-    """The descriptor and the payload of one hand-off message."""
-    want = _HEADER.size + MAX_PAYLOAD_BYTES
+async def _read_message(conn: trio.socket.SocketType) -> tuple[int, tuple[str, str], bytes]:
+    """The descriptor, the client and the payload of one hand-off message."""
+    want = _HEADER.size + MAX_CLIENT_BYTES + MAX_PAYLOAD_BYTES
     fd_space = socket.CMSG_SPACE(4 * 4)  # room to see (and close) a few extra descriptors
     data, ancdata, flags, _ = await conn.recvmsg(want, fd_space)
     fds: list[int] = []
@@ -213,12 +226,15 @@ async def _read_message(conn: trio.socket.SocketType) -> tuple[int, bytes]:
             if not more:
                 raise _BadHandoff("the forwarder closed before the header")
             buf += more
-        magic, length = _HEADER.unpack_from(buf)
+        magic, length, who_length = _HEADER.unpack_from(buf)
         if magic != MAGIC:
             raise _BadHandoff(f"bad magic {bytes(magic)!r}")
         if length > MAX_PAYLOAD_BYTES:
             raise _BadHandoff(f"payload of {length} bytes is over {MAX_PAYLOAD_BYTES}")
-        end = _HEADER.size + length
+        if who_length > MAX_CLIENT_BYTES:
+            raise _BadHandoff(f"client of {who_length} bytes is over {MAX_CLIENT_BYTES}")
+        start = _HEADER.size + who_length
+        end = start + length
         while len(buf) < end:
             more = await conn.recv(end - len(buf))
             if not more:
@@ -226,6 +242,9 @@ async def _read_message(conn: trio.socket.SocketType) -> tuple[int, bytes]:
             buf += more
         if len(buf) > end:
             raise _BadHandoff("bytes after the payload")
+        ip, _, via = bytes(buf[_HEADER.size:start]).decode("ascii", "replace").partition(" ")
+        if not ip or not via:
+            raise _BadHandoff("no client address")
         mode = os.fstat(fds[0]).st_mode
         if not stat.S_ISSOCK(mode):
             raise _BadHandoff("the descriptor is not a socket")
@@ -233,7 +252,7 @@ async def _read_message(conn: trio.socket.SocketType) -> tuple[int, bytes]:
         for extra in fds:
             os.close(extra)
         raise
-    return fds[0], bytes(buf[_HEADER.size:end])
+    return fds[0], (ip, via), bytes(buf[start:end])
 
 
 def _stream_for(fd: int) -> trio.SocketStream:

@@ -716,7 +716,8 @@ class Peers:
         payload = self._request_bytes(hconn, request, identity) + bytes(trailing)
         path = handoff_path(os.path.dirname(self.worker.peers_file), index)
         try:
-            acked = await send_connection(path, sock, payload)
+            acked = await send_connection(path, sock, payload,
+                                          client=(request.client.ip, request.client.via.value))
         except HandoffRefused as exc:
             log.info("peer.handoff.refused %s to worker %d: %s; splicing", request.path,
                      index, exc)

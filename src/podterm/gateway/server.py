@@ -630,14 +630,23 @@ class Gateway:
             if not peer_link:
                 self.clients.release(client.ip)
 
-    async def _handle_handoff(self, stream: trio.SocketStream, head: bytes) -> None:
+    async def _handle_handoff(self, stream: trio.SocketStream, head: bytes,
+                              client: tuple[str, str]) -> None:
         """Serve a connection a sibling worker handed over, starting with ``head``.
 
         ``head`` is the request the sibling signed for this worker (the same
         peer credentials a TCP forward carries) and the client's bytes after
-        it; the socket is the client's own.
+        it; the socket is the client's own.  It counts against ``client``'s
+        per-address share here from now on (the sibling released it).
         """
-        await self._handle(PrefixedStream(stream, head), peer_link=True)
+        ip, via = client
+        if not self.clients.acquire(ip, via):
+            await self._refuse_over_cap(stream, ip, ip)
+            return
+        try:
+            await self._handle(PrefixedStream(stream, head), peer_link=True)
+        finally:
+            self.clients.release(ip)
 
     async def _refuse_over_cap(self, stream: trio.abc.Stream, source: str, ip: str) -> None:
         """``429`` (``Retry-After: 1``) and a ``protocol.reject`` event for a connection
