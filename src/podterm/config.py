@@ -564,6 +564,24 @@ def _int(lo: int, hi: int, what: str = "an integer") -> _Coerce:
     return coerce
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; the machine's count elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_worker_count = _int(1, 1024)
+
+
+def _workers(value: object, src: _Source) -> object:
+    """``--workers``: 1..1024, or ``auto`` (one per usable CPU: issue 9's one per core)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(1024, usable_cpus())
+    return _worker_count(value, src)
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB}
 _SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
 
@@ -1026,9 +1044,10 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
     _s("shell", "upstream.shell", _path,
        "shell for interactive local sessions (default $SHELL, then /bin/sh)", flag=False,
        table="upstream.shell"),
-    _s("workers", "workers.count", _int(1, 1024),
-       "worker processes sharing the port (SO_REUSEPORT) under one supervisor (default 1)",
-       metavar="N", table="workers.count"),
+    _s("workers", "workers.count", _workers,
+       "worker processes sharing the port (SO_REUSEPORT) under one supervisor; 'auto' = one "
+       "per CPU this process may run on (default 1)",
+       metavar="N|auto", table="workers.count"),
     _s("advertise", "cluster.advertise", _advertise,
        "this gateway's address as its peers reach it, stored as the holder of its sessions "
        "(default: the listener's address)", metavar="HOST:PORT", table="cluster.advertise"),

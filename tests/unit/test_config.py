@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -370,6 +371,17 @@ def test_one_worker_unless_asked_and_any_store_may_have_more() -> None:
     config = load_serve_config({"workers": "4", "store": "redis://r:6379/0"}, {}, None)
     assert config.workers.count == 4
     assert load_serve_config({"store": "sqlite:///tmp/p.db"}, {}, None).workers.count == 1
+
+
+def test_workers_auto_is_one_per_usable_cpu(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert load_serve_config({"workers": "auto"}, {}, None).workers.count == cpus
+    assert load_serve_config({}, {"PODTERM_WORKERS": "AUTO"}, None).workers.count == cpus
+    path = write(tmp_path, '[workers]\ncount = "auto"\n')
+    assert load_serve_config({}, {}, path).workers.count == cpus
+    for bad in ("0", "auto2", "-1", "1025"):
+        with pytest.raises(ConfigError, match=r"workers"):
+            load_serve_config({"workers": bad}, {}, None)
 
 
 def test_cluster_settings() -> None:
