@@ -410,6 +410,7 @@ class TunnelStream:
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
+                 "_exit_lot",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
                  "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
                  "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
@@ -424,7 +425,11 @@ class TunnelStream:
         # (channel, data, tunnel bytes); None while empty (760 bytes an idle stream saves)
         self._inbox: deque[tuple[int, bytes, int]] | None = None
         self._inbox_bytes = 0
+        # The output pump and send_stdin wait on _lot (woken per delivery and
+        # ACK); the session's supervisor waits on _exit_lot in wait_exit, woken
+        # only by what ends the stream: no wake-up of it per keystroke.
         self._lot = trio.lowlevel.ParkingLot()
+        self._exit_lot = trio.lowlevel.ParkingLot()
         #: Input not yet acknowledged by the agent; never more than one window.
         #: Starts at the agent's input offset for an adopted stream.
         self.log = InputLog(in_offset, limit=window)
@@ -474,6 +479,7 @@ class TunnelStream:
 
     def wake(self) -> None:
         self._lot.unpark_all()
+        self._exit_lot.unpark_all()
 
     def deliver(self, channel: int, data: bytes) -> None:
         """Output from the agent (the mux accounted for it)."""
@@ -496,6 +502,7 @@ class TunnelStream:
         if self.exit is None:
             self.exit = _exit_status(event)
         self._lot.unpark_all()
+        self._exit_lot.unpark_all()
 
     def on_gap(self, gap: Gap) -> None:
         """The agent's ring overflowed while the link was down: ``gap.lost`` bytes are gone."""
@@ -528,6 +535,7 @@ class TunnelStream:
         if self.lost is None and not self.closed:
             self.lost = reason
         self._lot.unpark_all()
+        self._exit_lot.unpark_all()
 
     def hand_over(self, reason: str) -> None:
         """The agent is at another gateway now: end here (session ``moved``), tell it nothing."""
@@ -535,6 +543,7 @@ class TunnelStream:
             self.lost = reason
             self.moved = True
         self._lot.unpark_all()
+        self._exit_lot.unpark_all()
 
     def pending_input(self) -> int:
         return self.log.end - self.in_sent
@@ -546,14 +555,15 @@ class TunnelStream:
         return Open(spec.command, spec.tty, cols, rows, tuple(spec.env.items()), spec.cwd,
                     self.window, self.session_id)
 
-    async def _park(self) -> None:
+    async def _park(self, lot: trio.lowlevel.ParkingLot | None = None) -> None:
         """Wait for a change; declare the agent lost if it stays away past its deadline."""
+        lot = lot or self._lot
         deadline = self._tunnel.lost_deadline()
         if deadline is None:
-            await self._lot.park()
+            await lot.park()
             return
         with trio.move_on_at(deadline):
-            await self._lot.park()
+            await lot.park()
         self._tunnel.check_expired()
 
     # ------------------------------------------------------------ UpstreamStream
@@ -688,7 +698,7 @@ class TunnelStream:
                 return self.exit
             if self.lost is not None:
                 raise _moved_error(self.lost) if self.moved else UpstreamError(self.lost)
-            await self._park()
+            await self._park(self._exit_lot)
 
     def capture_context(self) -> Context:
         """What the stream was started with (the agent's shell is in another pod)."""
@@ -710,6 +720,7 @@ class TunnelStream:
             self.exit = _HUNG_UP
         tunnel.stream_closed(self)
         self._lot.unpark_all()
+        self._exit_lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
 
