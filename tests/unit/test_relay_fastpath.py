@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio.testing
@@ -16,6 +17,15 @@ from podterm.upstream.base import OutputChannel, StreamSpec
 from podterm.upstream.local import LocalUpstream
 
 TIMEOUT = 10
+
+
+def _run_bounded(main: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run(main)`` under the test's deadline."""
+    async def bounded() -> None:
+        with trio.fail_after(TIMEOUT):
+            await main()
+
+    trio.run(bounded)
 
 
 def _pair(sndbuf: int | None = None) -> tuple[WebSocketStream, WebSocketStream]:
@@ -64,11 +74,7 @@ def test_send_nowait_keeps_the_unwritten_rest_first_in_line() -> None:
         await server.abort()
         await client.abort()
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)
 
 
 def test_send_batch_reports_a_peer_that_stopped_reading() -> None:
@@ -85,11 +91,7 @@ def test_send_batch_reports_a_peer_that_stopped_reading() -> None:
         await server.abort()
         await client.abort()
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)
 
 
 def _frames_as_parts(conn: WebSocketConnection, payloads: list[bytes]) -> list[Buffer]:
@@ -124,11 +126,7 @@ def test_send_batch_of_buffers_is_gathered_exactly_across_partial_writes() -> No
         await server.abort()
         await client.abort()
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)
 
 
 def test_send_nowait_of_buffers_keeps_the_rest_as_views_first_in_line() -> None:
@@ -152,11 +150,7 @@ def test_send_nowait_of_buffers_keeps_the_rest_as_views_first_in_line() -> None:
         await server.abort()
         await client.abort()
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)
 
 
 def test_send_batch_of_buffers_on_a_non_socket_stream_is_joined() -> None:
@@ -179,11 +173,7 @@ def test_send_batch_of_buffers_on_a_non_socket_stream_is_joined() -> None:
             assert await server.send_batch(parts, stall_s=5) is True
         assert results[0] == [b"\x01" + p for p in payloads]
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)
 
 
 def test_send_stdin_nowait_writes_now_and_declines_once_closed() -> None:
@@ -204,8 +194,4 @@ def test_send_stdin_nowait_writes_now_and_declines_once_closed() -> None:
         finally:
             await stream.aclose()
 
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT):
-            await main()
-
-    trio.run(bounded)
+    _run_bounded(main)

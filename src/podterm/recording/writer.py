@@ -240,40 +240,33 @@ class CastLines:
         ``extra`` is ``scan_many([data])[0]`` when the caller has it already
         (the writer judges a whole batch at once).
         """
-        if not data:
-            return
-        if not self._out_carry:
-            if extra is None:
-                extra = _scan_many((data,))[0]
-            if extra >= 0:
-                out.raw(b'[%a,"o","' % self._at(t))
-                out.escaped(data, extra)
-                out.raw(b'"]\n')
-                return
-        text = self._out.decode(data)
-        self._out_carry = bool(self._out.getstate()[0])
-        if text:
-            out.raw(encode_event(self._at(t), "o", text))
+        self._out_carry = self._line("o", self._out, self._out_carry, t, data, out, extra)
 
     def input(self, t: float, data: bytes, out: LineBuffer, extra: int | None = None) -> None:
         """Append an ``"i"`` line for ``data`` to ``out`` (or nothing, see the class).
 
         ``extra``: as :meth:`output`'s.
         """
+        self._in_carry = self._line("i", self._in, self._in_carry, t, data, out, extra)
+
+    def _line(self, kind: str, decoder: codecs.IncrementalDecoder, carry: bool, t: float,
+              data: bytes, out: LineBuffer, extra: int | None) -> bool:
+        """One ``kind`` line; returns whether ``decoder`` now holds a split character."""
         if not data:
-            return
-        if not self._in_carry:
+            return carry
+        if not carry:
             if extra is None:
                 extra = _scan_many((data,))[0]
             if extra >= 0:
-                out.raw(b'[%a,"i","' % self._at(t))
+                out.raw(b'[%a,"%s","' % (self._at(t), kind.encode()))
                 out.escaped(data, extra)
                 out.raw(b'"]\n')
-                return
-        text = self._in.decode(data)
-        self._in_carry = bool(self._in.getstate()[0])
+                return False
+        text = decoder.decode(data)
+        carry = bool(decoder.getstate()[0])
         if text:
-            out.raw(encode_event(self._at(t), "i", text))
+            out.raw(encode_event(self._at(t), kind, text))
+        return carry
 
     def marker(self, t: float, label: str) -> bytes:
         """An ``"m"`` (marker) line."""
