@@ -54,6 +54,7 @@ from podterm.auth.chain import AuthFailure, Credentials, FailureReason
 from podterm.auth.identity import Identity
 from podterm.auth.oidc import peek_claims
 from podterm.errors import ConfigError, PodtermError
+from podterm.net.h11client import AnswerClosed, AnswerTooLarge, read_body, read_head
 
 __all__ = [
     "ApiServerClient",
@@ -313,27 +314,17 @@ class ApiServerClient:
         h = conn.h11
         await conn.stream.send_all(h.send(request) + h.send(h11.Data(data=data))
                                    + h.send(h11.EndOfMessage()))
-        status = 0
-        body = bytearray()
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                h.receive_data(bytes(await conn.stream.receive_some(65536)))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > _MAX_BODY:
-                    raise h11.RemoteProtocolError(f"answer larger than {_MAX_BODY} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise trio.BrokenResourceError("closed before the answer")
+        try:
+            head = await read_head(conn.stream, h)
+            body = await read_body(conn.stream, h, limit=_MAX_BODY)
+        except AnswerClosed as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
+        except AnswerTooLarge:
+            raise h11.RemoteProtocolError(f"answer larger than {_MAX_BODY} bytes") from None
         keep = h.our_state is h11.DONE and h.their_state is h11.DONE
         if keep:
             h.start_next_cycle()
-        return status, bytes(body), keep
+        return head.status_code, body, keep
 
     async def aclose(self) -> None:
         """Close the idle connections."""

@@ -103,6 +103,7 @@ from podterm.gateway.http import Request, Response, Upgraded
 from podterm.gateway.router import Call, Route
 from podterm.metrics import MetricFamily, counter, gauge, labelled, render
 from podterm.net.clientaddr import ClientAddress, PrefixedStream, Via
+from podterm.net.h11client import AnswerClosed, AnswerTooLarge, read_body, read_head
 from podterm.net.hostport import join_host_port, split_host_port
 from podterm.protocol.handshake import extract_bearer_subprotocol
 from podterm.session.registry import SessionRegistry
@@ -657,17 +658,17 @@ class Peers:
                     stream = await self._dial(holder)
                 with trio.fail_after(RESPONSE_TIMEOUT_S):
                     await stream.send_all(self._request_bytes(hconn, request, identity))
-                    event = await _next_head(stream, hconn)
+                    event = await read_head(stream, hconn)
                     if isinstance(event, h11.Response):
-                        body = await _read_body(stream, hconn)
+                        body = await read_body(stream, hconn, limit=MAX_RESPONSE_BYTES)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError,
-                    trio.ClosedResourceError, _PeerClosed) as exc:
+                    trio.ClosedResourceError, AnswerClosed) as exc:
                 log.warning("peer.forward.failed %s %s to %s: %s", request.method, request.path,
                             holder, _describe(exc))
                 await self._audit(request, holder, "error", http_status=503,
                                   reason=f"unreachable: {_describe(exc)}")
                 raise Unavailable(unreachable) from None
-            except (h11.ProtocolError, _TooLarge) as exc:
+            except (h11.ProtocolError, AnswerTooLarge) as exc:
                 await self._audit(request, holder, "error", http_status=502,
                                   reason=f"bad answer: {exc}")
                 raise UpstreamError(f"session held by {holder}, which answered something that "
@@ -933,7 +934,7 @@ class Peers:
                 try:
                     found[index] = await self._fetch_metrics(address)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                        h11.ProtocolError, ValueError, _PeerClosed, _TooLarge) as exc:
+                        h11.ProtocolError, ValueError, AnswerClosed, AnswerTooLarge) as exc:
                     log.info("peer.metrics.failed worker %d at %s: %s", index, address,
                              _describe(exc))
 
@@ -976,10 +977,10 @@ class Peers:
             await stream.send_all((hconn.send(h11.Request(method="GET", target=target,
                                                           headers=headers)) or b"")
                                   + (hconn.send(h11.EndOfMessage()) or b""))
-            event = await _next_head(stream, hconn)
+            event = await read_head(stream, hconn)
             if not isinstance(event, h11.Response) or event.status_code != 200:
                 raise ValueError(f"answered {getattr(event, 'status_code', '?')}")
-            return _families_from_json(await _read_body(stream, hconn, limit=16 * 1024 * 1024))
+            return _families_from_json(await read_body(stream, hconn, limit=16 * 1024 * 1024))
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -997,14 +998,6 @@ def _plain_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 # ------------------------------------------------------------ HTTP client
 
 
-class _PeerClosed(Exception):
-    """The peer closed the connection before answering in full."""
-
-
-class _TooLarge(Exception):
-    """The peer's answer exceeds the bound."""
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
@@ -1013,48 +1006,6 @@ def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     text = str(exc) or type(exc).__name__
     return f"{text}: {cause}" if cause is not None and str(cause) else text
-
-
-async def _receive_into(stream: trio.abc.Stream, hconn: h11.Connection) -> None:
-    data = await stream.receive_some(SPLICE_BYTES)
-    hconn.receive_data(bytes(data))
-
-
-async def _next_head(stream: trio.abc.Stream,
-                     hconn: h11.Connection) -> h11.Response | h11.InformationalResponse:
-    """The answer head: a final response, or a 101 (a 100 Continue is skipped)."""
-    while True:
-        event = hconn.next_event()
-        if event is h11.NEED_DATA:
-            await _receive_into(stream, hconn)
-            continue
-        if isinstance(event, h11.InformationalResponse):
-            if event.status_code == 101:
-                return event
-            continue
-        if isinstance(event, h11.Response):
-            return event
-        raise _PeerClosed("the peer closed the connection before answering")
-
-
-async def _read_body(stream: trio.abc.Stream, hconn: h11.Connection, *,
-                     limit: int = MAX_RESPONSE_BYTES) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        event = hconn.next_event()
-        if event is h11.NEED_DATA:
-            await _receive_into(stream, hconn)
-            continue
-        if isinstance(event, h11.Data):
-            total += len(event.data)
-            if total > limit:
-                raise _TooLarge(f"answer body over {limit} bytes")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return b"".join(chunks)
-        else:
-            raise _PeerClosed("the peer closed the connection in the middle of its answer")
 
 
 def _relayed(event: h11.Response, body: bytes) -> Response:

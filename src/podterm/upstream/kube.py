@@ -130,6 +130,7 @@ from podterm.errors import (
     UpstreamError,
 )
 from podterm.metrics import MetricFamily
+from podterm.net.h11client import next_event, read_body
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream
 from podterm.protocol.events import Stderr, Stdout
 from podterm.protocol.handshake import build_request, check_response
@@ -179,7 +180,6 @@ MAX_ERROR_BODY: Final = 64 * 1024
 MAX_JSON_BODY: Final = 4 * 1024 * 1024
 #: Bound on a response head (h11's default; a long Warning header fits).
 _MAX_HEAD: Final = 64 * 1024
-_READ: Final = 65536
 #: How a stream closed by us before its status arrived is reported.
 _HUNG_UP: Final = ExitStatus(code=None, signal=int(signal.SIGHUP))
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -520,26 +520,6 @@ def _is_cert_error(exc: BaseException) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
-
-
-async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(bytes(await stream.receive_some(_READ)))
-
-
-async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) -> bytes:
-    body = bytearray()
-    while True:
-        event = await _next_event(stream, conn)
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > limit:
-                return bytes(body[:limit])
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return bytes(body)
 
 
 # ------------------------------------------------------------------ the stream
@@ -1182,11 +1162,11 @@ class KubeUpstream:
             try:
                 await stream.send_all((conn.send(request) or b"")
                                       + (conn.send(h11.EndOfMessage()) or b""))
-                event = await _next_event(stream, conn)
+                event = await next_event(stream, conn)
                 while isinstance(event, h11.InformationalResponse) and event.status_code != 101:
-                    event = await _next_event(stream, conn)
+                    event = await next_event(stream, conn)
                 if isinstance(event, h11.Response):
-                    body = await _read_body(stream, conn, MAX_ERROR_BODY)
+                    body = await read_body(stream, conn, limit=MAX_ERROR_BODY, truncate=True, eof_ends=True)
                     error = _parse_status(event.status_code, body,
                                           event.reason.decode("latin-1", "replace"))
                     if error.status == 401:
@@ -1354,12 +1334,12 @@ class KubeUpstream:
                 try:
                     await stream.send_all((conn.send(request) or b"")
                                           + (conn.send(h11.EndOfMessage()) or b""))
-                    event = await _next_event(stream, conn)
+                    event = await next_event(stream, conn)
                     while isinstance(event, h11.InformationalResponse):
-                        event = await _next_event(stream, conn)
+                        event = await next_event(stream, conn)
                     if not isinstance(event, h11.Response):
                         raise _RetryableDialError(f"{self.server} closed the connection")
-                    body = await _read_body(stream, conn, MAX_JSON_BODY)
+                    body = await read_body(stream, conn, limit=MAX_JSON_BODY, truncate=True, eof_ends=True)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _RetryableDialError(f"connection to {self.server} lost", exc) from exc
                 except h11.ProtocolError as exc:
