@@ -386,3 +386,19 @@ async def test_max_age_ends_even_a_busy_session(make_gateway: GatewayFactory) ->
         assert await client.wait_closed() == 4410
         assert client.exit is not None and client.exit.reason == "max_age"
         assert gateway.gw.counters.snapshot().sessions_ended == {"max_age": 1}
+
+
+async def test_input_with_no_output_is_acked_alone_after_the_deferral(
+        gateway: GatewayUnderTest) -> None:
+    """No echo ever rides with it: the ACK goes alone once the process's AckTimer fires."""
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "cat > /dev/null"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        for n, chunk in enumerate((b"one\n", b"two\n", b"three\n"), start=1):
+            sent = sum(len(c) for c in (b"one\n", b"two\n", b"three\n")[:n])
+            await client.send_stdin(chunk)
+            await client.wait_for(lambda c, sent=sent: sent in c.in_acks)
+        assert client.output == b""  # nothing came back to carry them
+        await client.aclose()
+        await _finish(gateway, created["id"])

@@ -27,7 +27,9 @@ life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules
 
 Hot path (issue 9): a keystroke is written to the upstream by the receiver
 itself when nothing is queued before it (``LocalStream.send_stdin_nowait``);
-its input ACK waits up to ``INPUT_ACK_DELAY_S`` for output to ride with; and
+its input ACK waits up to ``INPUT_ACK_DELAY_S`` for output to ride with (the
+process's one ``AckTimer`` wakes the sender if none came; no deadline moves
+per keystroke); and
 output that arrives while the sender is parked is sent by the output pump's
 own task (:meth:`_Link.flush_output`: one non-blocking write of the ACK and
 the output; the sender is woken only for what that write could not take, or
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 import struct
 from collections.abc import Callable
@@ -79,7 +80,7 @@ from podterm.protocol.session_proto import (
 )
 from podterm.protocol.websocket import ConnectionState, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.session.attachment import INPUT_ACK_DELAY_S, Attachment, Mode
+from podterm.session.attachment import Attachment, Mode, ack_timer
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
 
@@ -352,7 +353,6 @@ class _Link:
         stall_s = limits.heartbeat_interval_s * limits.heartbeat_max_missed
         send_binary = ws.conn.send_binary
         ack_urgent = limits.window_bytes // 4
-        ack_at = math.inf  # when a deferred input ACK must go
         while True:
             if att.gone:
                 return
@@ -382,18 +382,20 @@ class _Link:
                 parts.append(self._exit_message(session.exit_reason))
             now = trio.current_time()
             if ack > att.in_ack_sent:
-                # Bytes written to the upstream.  Alone, the ACK waits a few ms
-                # for output to ride with (a keystroke's echo): one write, not two.
-                if (parts or att.close is not None or now >= ack_at
+                # Bytes written to the upstream.  Alone, the ACK waits up to
+                # INPUT_ACK_DELAY_S for output to ride with (a keystroke's
+                # echo): one write, not two.  The process's AckTimer wakes
+                # this sender (ack_overdue) if nothing took it along by then.
+                if (parts or att.close is not None or att.ack_overdue
                         or ack - att.in_ack_sent >= ack_urgent):
                     att.in_ack_sent = ack
+                    att.ack_overdue = False
                     prefix, body = encode_ack(ack)
                     parts.insert(ack_index, send_binary(body, prefix))
-                    ack_at = math.inf
-                elif ack_at == math.inf:
-                    ack_at = now + INPUT_ACK_DELAY_S
+                else:
+                    ack_timer().schedule(att)  # (once per deferral)
             else:
-                ack_at = math.inf  # sent meanwhile (flush_output) or none due
+                att.ack_overdue = False  # sent meanwhile (flush_output) or none due
             # 5. heartbeat.
             if now >= hb.deadline:
                 ping = hb.poll(now)
@@ -422,8 +424,9 @@ class _Link:
             if att.close is not None:
                 await self._close(*att.close)
                 return
-            # Nothing to send: park until woken, the next PING or a deferred ACK.
-            with trio.CancelScope(deadline=min(hb.deadline, ack_at)) as parked:
+            # Nothing to send: park until woken (output, a notice, a deferred
+            # ACK's turn: AckTimer) or the next PING.
+            with trio.CancelScope(deadline=hb.deadline) as parked:
                 att.park_scope = parked
                 try:
                     await att.wait_woken()
@@ -459,9 +462,6 @@ class _Link:
             self._collect_output(parts)
             if not parts:
                 return True  # no credit: nothing the sender could send either
-            parked = att.park_scope
-            if parked is not None and parked.deadline < self.hb.deadline:
-                parked.deadline = self.hb.deadline  # the deferred ACK went out here
             if ws.send_nowait(parts):
                 return True
         except Exception:  # never into the session's task: the link ends instead

@@ -22,6 +22,7 @@ Nothing here blocks; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,13 +33,86 @@ from podterm.protocol.events import Drain, ErrorMsg, Gap, Hello
 if TYPE_CHECKING:
     from podterm.session.session import Session
 
-__all__ = ["INPUT_ACK_DELAY_S", "Attachment", "Mode", "Notice"]
+__all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "Mode", "Notice", "ack_timer"]
 
 #: How long an input ACK may wait for output to leave with (see
 #: :meth:`Attachment.input_written`); below §6's 100 ms, and long enough for
 #: an echo to come back through a busy gateway (one pass of a loaded event
 #: loop over many sessions takes several milliseconds).
 INPUT_ACK_DELAY_S = 0.04
+
+#: How late :class:`AckTimer` may be past :data:`INPUT_ACK_DELAY_S`: it wakes
+#: at most once per this much, for every link's due ACKs at once (so at most
+#: 45 ms in all, still below §6's 100 ms).
+ACK_TIMER_SLACK_S = 0.005
+
+
+class AckTimer:
+    """The deferred input ACKs of every link in the process: one task, one FIFO.
+
+    A keystroke written upstream makes an input ACK due; it waits up to
+    :data:`INPUT_ACK_DELAY_S` for the echo to leave with it (one write, not
+    two).  Moving the parked sender's cancel-scope deadline to say so, and
+    back when the echo took the ACK along, cost two updates of trio's
+    deadline heap per keystroke (about 6% of a small-frame round trip).
+    Instead every link queues itself here once per deferral (a flag keeps it
+    to one entry per link: the queue is bounded by the links).  All delays
+    are the same, so the queue is in due order: appending and popping are
+    O(1), and one task sleeps until the oldest entry is due (coalescing
+    everything due within :data:`ACK_TIMER_SLACK_S`), then wakes the senders
+    whose ACK is still unsent (:meth:`Attachment.ack_overdue_now`).
+
+    One per trio run (:func:`ack_timer`), a system task: it never raises and
+    ends with the run.
+    """
+
+    __slots__ = ("_queue", "_lot")
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[float, Attachment]] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def schedule(self, att: Attachment) -> None:
+        """Wake ``att``'s sender in :data:`INPUT_ACK_DELAY_S` unless its ACK went by then."""
+        if att.ack_queued:
+            return
+        att.ack_queued = True
+        self._queue.append((trio.current_time() + INPUT_ACK_DELAY_S, att))
+        if len(self._queue) == 1:
+            self._lot.unpark_all()
+
+    async def run(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                await self._lot.park()
+                continue
+            due = queue[0][0]
+            if due > trio.current_time():
+                await trio.sleep_until(due + ACK_TIMER_SLACK_S)
+            now = trio.current_time()
+            while queue and queue[0][0] <= now:
+                _, att = queue.popleft()
+                att.ack_queued = False
+                att.ack_overdue_now()
+
+
+_ACK_TIMER: trio.lowlevel.RunVar[AckTimer] = trio.lowlevel.RunVar("podterm_ack_timer")
+
+
+def ack_timer() -> AckTimer:
+    """This trio run's :class:`AckTimer`, started on first use."""
+    try:
+        return _ACK_TIMER.get()
+    except LookupError:
+        timer = AckTimer()
+        _ACK_TIMER.set(timer)
+        trio.lowlevel.spawn_system_task(timer.run, name="podterm.ack_timer")
+        return timer
+
 
 #: What the sender still has to send, in order, before any output: ``hello``,
 #: ``gap``, ``drain`` and ``error`` control messages.
@@ -71,7 +145,7 @@ class Attachment:
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
                  "notices", "close", "gone", "exit_sent", "resumed", "park_scope", "flush",
-                 "_lot")
+                 "ack_queued", "ack_overdue", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -91,6 +165,10 @@ class Attachment:
         self.park_scope: trio.CancelScope | None = None
         #: The relay's synchronous send of new output (see :meth:`output_ready`).
         self.flush: Callable[[], bool] | None = None
+        #: In the :class:`AckTimer`'s queue now.
+        self.ack_queued = False
+        #: The deferred input ACK waited its :data:`INPUT_ACK_DELAY_S`: send it alone.
+        self.ack_overdue = False
         self._lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
@@ -131,11 +209,16 @@ class Attachment:
         if unacked >= self.session.limits.window_bytes // 4:
             self._lot.unpark_all()
             return
-        scope = self.park_scope
-        if scope is not None:
-            deadline = trio.current_time() + INPUT_ACK_DELAY_S
-            if deadline < scope.deadline:  # not already due sooner
-                scope.deadline = deadline
+        if self.park_scope is not None and not self.ack_queued:
+            ack_timer().schedule(self)
+
+    def ack_overdue_now(self) -> None:
+        """:class:`AckTimer`: the deferral is over; wake the sender if the ACK is still unsent."""
+        session = self.session
+        if (not self.gone and self is session.writer
+                and session.in_written > self.in_ack_sent):
+            self.ack_overdue = True
+            self._lot.unpark_all()
 
     async def wait_woken(self) -> None:
         """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""
