@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h11
 import pytest
 import trio
 import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tests.helpers.fake_kubeauth import FakeApi, running_fake_api, write_kubeconfig
+from tests.helpers.http import request as http_request
 from tests.helpers.procs import astop, await_ready
 
 from podterm.audit import AuditEvent
@@ -91,29 +91,8 @@ async def serve_with(tmp_path: Path, config: str) -> AsyncIterator[Served]:
 
 async def request(port: int, method: str, path: str, token: str,
                   body: Any = None) -> tuple[int, Any]:
-    conn = h11.Connection(h11.CLIENT)
-    data = json.dumps(body).encode() if body is not None else b""
-    headers = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
-               ("Authorization", f"Bearer {token}")]
-    if data:
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        out = conn.send(h11.Request(method=method, target=path, headers=headers))
-        if data:
-            out += conn.send(h11.Data(data=data))
-        await stream.send_all(out + conn.send(h11.EndOfMessage()))
-        status, chunks = 0, []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            else:
-                break
-    return status, json.loads(b"".join(chunks) or b"null")
+    answer = await http_request(port, method, path, token=token, body=body)
+    return answer.status, json.loads(answer.body or b"null")
 
 
 def auth_events(served: Served) -> list[AuditEvent]:

@@ -15,17 +15,15 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-import h11
 import pytest
 import trio
 import yaml
 from tests.helpers.fake_apiserver import FakeApiServer, FakeContainer, FakePod, FakeUser
-from tests.helpers.http import exchange
+from tests.helpers.http import HttpAnswer, exchange
 from tests.helpers.kubectl import write_kubeconfig
 
 from podterm.audit import MemorySink
@@ -653,40 +651,12 @@ async def _kube_gateway(make_gateway: GatewayFactory, tmp_path: Path, api: FakeA
                               **config)
 
 
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def _ask_upgrade(gw: GatewayUnderTest, path: str) -> _Answer:
+async def _ask_upgrade(gw: GatewayUnderTest, path: str) -> HttpAnswer:
     """kubectl's WebSocket GET; a 101 comes back as such (no body), not as a hang."""
-    conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(method="GET", target=path, headers=[
-        ("Host", f"127.0.0.1:{gw.port}"), ("Authorization", f"Bearer {ADMIN}"),
-        *UPGRADE_HEADERS, ("Sec-WebSocket-Protocol", V5)])
-    stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
-    async with stream:
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status, headers, chunks = 0, {}, []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.InformationalResponse | h11.Response):
-                status = event.status_code
-                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-                if status == 101:
-                    return _Answer(101, headers, b"")
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            else:  # EndOfMessage, ConnectionClosed
-                return _Answer(status, headers, b"".join(chunks))
+    async with await trio.open_tcp_stream("127.0.0.1", gw.port) as stream:
+        return await exchange(stream, "GET", path, headers=[
+            ("Host", f"127.0.0.1:{gw.port}"), ("Authorization", f"Bearer {ADMIN}"),
+            *UPGRADE_HEADERS, ("Sec-WebSocket-Protocol", V5)])
 
 
 async def _get_then_spdy_retry(gw: GatewayUnderTest, path: str) -> list[Any]:

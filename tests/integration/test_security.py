@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-import h11
 import pytest
 import trio
 import trio.testing
+from tests.helpers.http import exchange
 
 from podterm.audit import AuditEvent, MemorySink
 from podterm.config import AuthConfig, LimitsConfig, SecurityConfig
@@ -53,32 +53,15 @@ async def http_from(source: str, port: int, method: str, path: str, *,
                     headers: list[tuple[str, str]] | None = None
                     ) -> tuple[int, dict[str, str], bytes]:
     """One request from loopback address ``source``: status, lower-case headers, body."""
-    conn = h11.Connection(h11.CLIENT)
     hdrs = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"), *(headers or [])]
     if token is not None:
         hdrs.append(("Authorization", f"Bearer {token}"))
-    data = json.dumps(body).encode() if body is not None else b""
+    data = json.dumps(body).encode() if body is not None else None
     if data:
-        hdrs += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
-    async with stream:
-        out = conn.send(h11.Request(method=method, target=path, headers=hdrs))
-        if data:
-            out += conn.send(h11.Data(data=data))
-        await stream.send_all(out + conn.send(h11.EndOfMessage()))
-        status, rheaders, chunks = 0, {}, []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                rheaders = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            else:
-                break
-    return status, rheaders, b"".join(chunks)
+        hdrs.append(("Content-Type", "application/json"))
+    async with await trio.open_tcp_stream("127.0.0.1", port, local_address=source) as stream:
+        answer = await exchange(stream, method, path, headers=hdrs, body=data)
+    return answer.status, answer.headers, answer.body
 
 
 def rejects(memory: MemorySink) -> list[AuditEvent]:
