@@ -92,7 +92,7 @@ from podterm.gateway.peers import (
 )
 from podterm.gateway.router import Call, Route, RouteHandler, Router
 from podterm.gateway.static import StaticFiles
-from podterm.gateway.workers import open_listeners
+from podterm.gateway.workers import open_listeners, serve_exit_status
 from podterm.gcprofile import GcController
 from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, MetricFamily
 from podterm.net.clientaddr import ClientAddressPolicy, PrefixedStream, resolve_connection
@@ -928,16 +928,7 @@ def main(config: ServeConfig) -> int:
         from podterm.gateway import workers
 
         return workers.main(config)
-    try:
-        trio.run(_main, config)
-    except ConfigError as exc:
-        print(f"podterm serve: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"podterm serve: cannot listen on {config.listen.host}:{config.listen.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+    return serve_exit_status(config, lambda: trio.run(_main, config))
 
 
 async def _main(config: ServeConfig) -> None:

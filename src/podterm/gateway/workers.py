@@ -63,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -697,11 +697,11 @@ class Supervisor:
                     await slot.process.wait()
 
 
-def main(config: ServeConfig, *, print_banner: bool = True) -> int:
-    """``podterm serve --workers N`` (N > 1): the supervisor; 0 once every worker drained."""
-    supervisor = Supervisor(config, print_banner=print_banner)
+def serve_exit_status(config: ServeConfig, run: Callable[[], int | None]) -> int:
+    """``podterm serve``'s exit status for ``run()``: its own (None is 0), 2 for a
+    configuration error, 1 when the listener cannot be bound (each said on stderr)."""
     try:
-        return trio.run(supervisor.run)
+        return run() or 0
     except ConfigError as exc:
         print(f"podterm serve: {exc.message}", file=sys.stderr)
         return 2
@@ -709,6 +709,12 @@ def main(config: ServeConfig, *, print_banner: bool = True) -> int:
         print(f"podterm serve: cannot listen on {config.listen.host}:{config.listen.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def main(config: ServeConfig, *, print_banner: bool = True) -> int:
+    """``podterm serve --workers N`` (N > 1): the supervisor; 0 once every worker drained."""
+    supervisor = Supervisor(config, print_banner=print_banner)
+    return serve_exit_status(config, lambda: trio.run(supervisor.run))
 
 
 if __name__ == "__main__":
