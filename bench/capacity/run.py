@@ -300,15 +300,19 @@ def broadcast(gens: list[LoadGenProc], msgs: list[dict[str, Any]]) -> list[dict[
 # ------------------------------------------------------------------ metrics
 
 
-def scrape_metrics(url: str) -> dict[str, float]:
-    """``/metrics`` (public, Prometheus text) as ``{name{labels}: value}``; {} on failure."""
-    out: dict[str, float] = {}
+def metrics_text(url: str) -> str:
+    """``/metrics`` (public, Prometheus text); "" on failure."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback
-            text = resp.read().decode()
+            return str(resp.read().decode())
     except OSError:
-        return out
-    for line in text.splitlines():
+        return ""
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``/metrics`` as ``{name{labels}: value}``, workers summed; {} on failure."""
+    out: dict[str, float] = {}
+    for line in metrics_text(url).splitlines():
         if not line or line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
@@ -330,13 +334,8 @@ _WORKER_LABEL = re.compile(r'(?<=\{)worker="\d+",?|,worker="\d+"')
 
 def per_worker(url: str, name: str) -> dict[int, float]:
     """One metric's value per worker (``{0: value}`` for a gateway without workers)."""
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback
-            text = resp.read().decode()
-    except OSError:
-        return {}
     out: dict[int, float] = {}
-    for line in text.splitlines():
+    for line in metrics_text(url).splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             key, _, value = line.rpartition(" ")
             m = re.search(r'worker="(\d+)"', key)
