@@ -517,8 +517,13 @@ class Session:
             self._confirmer = None
 
     def _input_confirmed(self) -> None:
-        if self.writer is not None:
-            self.writer.wake()  # an input ACK may be due
+        writer = self.writer
+        if writer is not None:
+            # An input ACK is due: deferred for output to ride with, as for
+            # input written (not a wake-up of the sender per confirmation).
+            unacked = self.in_written - writer.in_ack_sent
+            if unacked > 0:
+                writer.input_written(unacked)
 
     @property
     def left_running(self) -> bool:

@@ -410,7 +410,7 @@ class TunnelStream:
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
-                 "_exit_lot",
+                 "_exit_lot", "_space_lot",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
                  "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
                  "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
@@ -425,11 +425,16 @@ class TunnelStream:
         # (channel, data, tunnel bytes); None while empty (760 bytes an idle stream saves)
         self._inbox: deque[tuple[int, bytes, int]] | None = None
         self._inbox_bytes = 0
-        # The output pump and send_stdin wait on _lot (woken per delivery and
-        # ACK); the session's supervisor waits on _exit_lot in wait_exit, woken
-        # only by what ends the stream: no wake-up of it per keystroke.
+        # Three kinds of waiter, each woken only by what concerns it (a task
+        # woken for nothing costs a task switch, per keystroke here):
+        # - the output pump waits on _lot, woken per delivery;
+        # - send_stdin waits on _space_lot for room in the input log, woken
+        #   per agent ACK (made when first needed: most streams never wait);
+        # - the session's supervisor waits on _exit_lot in wait_exit.
+        # What ends or moves the stream wakes all three (_changed).
         self._lot = trio.lowlevel.ParkingLot()
         self._exit_lot = trio.lowlevel.ParkingLot()
+        self._space_lot: trio.lowlevel.ParkingLot | None = None
         #: Input not yet acknowledged by the agent; never more than one window.
         #: Starts at the agent's input offset for an adopted stream.
         self.log = InputLog(in_offset, limit=window)
@@ -478,8 +483,14 @@ class TunnelStream:
     # ------------------------------------------------------------ the tunnel's side
 
     def wake(self) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
+        """Wake every waiter: the stream's state changed (exit, loss, close, resume)."""
         self._lot.unpark_all()
         self._exit_lot.unpark_all()
+        if self._space_lot is not None:
+            self._space_lot.unpark_all()
 
     def deliver(self, channel: int, data: bytes) -> None:
         """Output from the agent (the mux accounted for it)."""
@@ -494,15 +505,15 @@ class TunnelStream:
         """The agent wrote our input up to ``offset``: free the log."""
         if offset > self.log.acked:
             self.log.ack(offset)
-            self._lot.unpark_all()  # send_stdin may have room now
+            if self._space_lot is not None:
+                self._space_lot.unpark_all()  # send_stdin may have room now
             if self._confirmed_cb is not None:
                 self._confirmed_cb()
 
     def on_exit(self, event: Exit) -> None:
         if self.exit is None:
             self.exit = _exit_status(event)
-        self._lot.unpark_all()
-        self._exit_lot.unpark_all()
+        self._changed()
 
     def on_gap(self, gap: Gap) -> None:
         """The agent's ring overflowed while the link was down: ``gap.lost`` bytes are gone."""
@@ -528,22 +539,20 @@ class TunnelStream:
             if self._confirmed_cb is not None:
                 self._confirmed_cb()
         self.in_sent = start
-        self._lot.unpark_all()
+        self._changed()
 
     def fail(self, reason: str) -> None:
         """The agent lost this stream (or stayed away too long): the session ends."""
         if self.lost is None and not self.closed:
             self.lost = reason
-        self._lot.unpark_all()
-        self._exit_lot.unpark_all()
+        self._changed()
 
     def hand_over(self, reason: str) -> None:
         """The agent is at another gateway now: end here (session ``moved``), tell it nothing."""
         if self.lost is None and not self.closed:
             self.lost = reason
             self.moved = True
-        self._lot.unpark_all()
-        self._exit_lot.unpark_all()
+        self._changed()
 
     def pending_input(self) -> int:
         return self.log.end - self.in_sent
@@ -557,7 +566,8 @@ class TunnelStream:
 
     async def _park(self, lot: trio.lowlevel.ParkingLot | None = None) -> None:
         """Wait for a change; declare the agent lost if it stays away past its deadline."""
-        lot = lot or self._lot
+        if lot is None:  # (not ``lot or``: an empty ParkingLot is falsy)
+            lot = self._lot
         deadline = self._tunnel.lost_deadline()
         if deadline is None:
             await lot.park()
@@ -651,7 +661,9 @@ class TunnelStream:
                     raise trio.BrokenResourceError("the process no longer reads its input")
                 space = self.log.space
                 if space <= 0:
-                    await self._park()
+                    if self._space_lot is None:
+                        self._space_lot = trio.lowlevel.ParkingLot()
+                    await self._park(self._space_lot)
                     continue
                 piece = view[:space]
                 self.log.append(piece)
@@ -719,8 +731,7 @@ class TunnelStream:
         if self.exit is None and self.lost is None:
             self.exit = _HUNG_UP
         tunnel.stream_closed(self)
-        self._lot.unpark_all()
-        self._exit_lot.unpark_all()
+        self._changed()
         await trio.lowlevel.checkpoint()
 
 
