@@ -660,6 +660,27 @@ async def test_echo_mode_echoes_through_the_full_path(gateway: GatewayUnderTest,
             await wait_until(lambda: not agent.streams)
 
 
+async def test_the_agent_acks_input_with_its_echo_not_on_its_timer(gateway: GatewayUnderTest,
+                                                                   tokens: Tokens) -> None:
+    # An ACK timer far longer than the test: every input ACK the client gets
+    # in time rode with the echo of the key it acknowledges.
+    slow_acks = dataclasses.replace(FAST, ack_interval_s=60.0)
+    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True,
+                             options=slow_acks) as agent:
+        with trio.fail_after(WAIT_S * 2):
+            await agent.wait_registered()
+            created = await create(gateway, None, tty=True)
+            client = await gateway.attach(created["id"])
+            await client.wait_hello()
+            for i, key in enumerate(b"abcdef", start=1):
+                await client.send_stdin(bytes([key]))
+                await client.wait_for(lambda c, i=i: len(c.output) >= i
+                                      and max(c.in_acks, default=0) >= i)
+            assert bytes(client.output) == b"abcdef"
+            await client.aclose()
+            await delete(gateway, created["id"])
+
+
 async def test_echo_agent_resumes_across_a_cut(gateway: GatewayUnderTest,
                                                tokens: Tokens) -> None:
     async with open_cut_proxy("127.0.0.1", gateway.port) as proxy:

@@ -379,6 +379,20 @@ def test_acks_follow_consumption() -> None:
         gw.consumed(sid, 1, now=1.0)  # nothing buffered
 
 
+def test_ack_now_sends_what_the_timer_holds_and_restarts_its_interval() -> None:
+    gw, agent = connected()
+    sid = open_both(gw, agent)
+    gw.received(sid, Stdout(b"x" * 1000))
+    assert gw.consumed(sid, 400, now=0.0) == 400
+    assert gw.consumed(sid, 100, now=0.01) is None  # held for the timer
+    assert gw.ack_now(sid, now=0.02) == 500  # a frame goes anyway: the ACK rides with it
+    assert gw.ack_now(sid, now=0.03) is None  # nothing unacknowledged
+    assert gw.next_deadline() is None
+    assert gw.consumed(sid, 100, now=0.04) is None  # the interval counts from 0.02
+    assert gw.poll_acks(0.11) == []
+    assert gw.poll_acks(0.13) == [(sid, 600)]
+
+
 def test_close_handshake() -> None:
     gw, agent = connected()
     sid = open_both(gw, agent)

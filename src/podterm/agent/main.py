@@ -605,6 +605,14 @@ class Agent(StreamHost):
                             else Stderr(data)
                         put(sid, event)
                         mux.sent(sid, event)
+                    if sid in self._ack_timer:
+                        # Input consumed but its ACK held for the timer: it
+                        # leaves with this output (a keystroke's echo), so the
+                        # gateway acknowledges both to its client in one write.
+                        self._ack_timer.discard(sid)
+                        offset = mux.ack_now(sid, trio.current_time())
+                        if offset is not None:
+                            self._acks[sid] = offset
                     size += n
                     pending[sid] -= n
                     if not pending[sid]:

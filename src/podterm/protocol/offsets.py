@@ -346,6 +346,14 @@ class AckScheduler:
         """Timer check: the offset to ACK now, or None."""
         return self._due(now)
 
+    def flush(self, now: float) -> int | None:
+        """ACK now whatever is unacknowledged (the sender has a frame going anyway); None if nothing."""
+        if self.position <= self.acked:
+            return None
+        self.acked = self.position
+        self._last_ack_at = now
+        return self.acked
+
     def deadline(self) -> float | None:
         """When :meth:`poll` will next return an offset (None: nothing to acknowledge)."""
         if self.position <= self.acked:

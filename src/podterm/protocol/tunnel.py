@@ -934,6 +934,18 @@ class TunnelMux:
             return None
         return stream.ack.update(stream.received - stream.buffered, now)
 
+    def ack_now(self, stream_id: int, now: float) -> int | None:
+        """The offset to ACK on ``stream_id`` now, timer or not (None: nothing unacknowledged).
+
+        For a sender that writes to the stream anyway: the ACK rides in the same
+        write instead of one of its own when the timer comes (§6 sets only the
+        longest an ACK may wait).
+        """
+        stream = self._get_local(stream_id)
+        if stream.local_closed:
+            return None
+        return stream.ack.flush(now)
+
     def poll_acks(self, now: float) -> list[tuple[int, int]]:
         """Timer: ``[(stream_id, offset)]`` ACKs due now."""
         due: list[tuple[int, int]] = []
