@@ -344,7 +344,7 @@ def per_worker(url: str, name: str) -> dict[int, float]:
     return out
 
 
-_GC_SAMPLE = re.compile(r'podterm_gc_pause_(seconds_bucket|seconds_sum|seconds_count|'
+_GC_SAMPLE = re.compile(r'podterm_gc_pause_(cpu_)?(seconds_bucket|seconds_sum|seconds_count|'
                         r'max_seconds)\{generation="(\d)"(?:,le="([^"]+)")?\}')
 _GC_PROFILE = re.compile(r'podterm_gc_profile_info\{profile="([^"]+)"\}')
 _GC_OLD = re.compile(r'podterm_gc_old_generation_collections_total\{kind="([^"]+)"\}')
@@ -354,16 +354,20 @@ def gc_pauses(metrics: dict[str, float]) -> dict[str, Any] | None:
     """The gateway's GC pause metrics, per generation; None if it exports none.
 
     ``{"profile": name, "generations": {"0": {"count", "sum_s", "max_s",
-    "buckets": {le: cumulative count}}, ...}, "idle_collector": {kind: n}}``
+    "buckets": {le: cumulative count}}, ...}, "cpu_generations": {...},
+    "idle_collector": {kind: n}}``: ``cpu_generations`` are the same for the
+    CPU time the collector used (``podterm_gc_pause_cpu_seconds``).
     """
     gens: dict[str, dict[str, Any]] = {}
+    cpu_gens: dict[str, dict[str, Any]] = {}
     profile = None
     old: dict[str, int] = {}
     for key, value in metrics.items():
         m = _GC_SAMPLE.fullmatch(key)
         if m is not None:
-            kind, gen, le = m.groups()
-            g = gens.setdefault(gen, {"count": 0, "sum_s": 0.0, "max_s": 0.0, "buckets": {}})
+            cpu, kind, gen, le = m.groups()
+            g = (cpu_gens if cpu else gens).setdefault(
+                gen, {"count": 0, "sum_s": 0.0, "max_s": 0.0, "buckets": {}})
             if kind == "seconds_bucket":
                 g["buckets"][le] = value
             elif kind == "seconds_sum":
@@ -382,7 +386,8 @@ def gc_pauses(metrics: dict[str, float]) -> dict[str, Any] | None:
             old[m.group(1)] = int(value)
     if not gens:
         return None
-    return {"profile": profile, "generations": dict(sorted(gens.items())), "idle_collector": old or None}
+    return {"profile": profile, "generations": dict(sorted(gens.items())),
+            "cpu_generations": dict(sorted(cpu_gens.items())), "idle_collector": old or None}
 
 
 def gc_delta(before: dict[str, Any] | None, after: dict[str, Any] | None
@@ -391,24 +396,31 @@ def gc_delta(before: dict[str, Any] | None, after: dict[str, Any] | None
 
     ``worst_le_s`` is the smallest bucket bound that holds every pause of the
     window (``inf``: one took longer than the last bound); 0 with no pause.
+    ``worst_cpu_le_s`` is the same for the CPU time the collector used.
     """
     if after is None:
         return None
-    out: dict[str, Any] = {"collections": {}, "total_s": 0.0, "worst_le_s": 0.0}
-    for gen, now in after["generations"].items():
-        prev = (before or {}).get("generations", {}).get(
-            gen, {"count": 0, "sum_s": 0.0, "buckets": {}})
-        count = now["count"] - prev["count"]
-        out["collections"][gen] = count
-        out["total_s"] += now["sum_s"] - prev["sum_s"]
-        if count <= 0:
+    out: dict[str, Any] = {"collections": {}, "total_s": 0.0, "worst_le_s": 0.0,
+                           "worst_cpu_le_s": math.nan}
+    for key, worst in (("generations", "worst_le_s"), ("cpu_generations", "worst_cpu_le_s")):
+        if not after.get(key):
             continue
-        bounds = sorted(((math.inf if le == "+Inf" else float(le)), n)
-                        for le, n in now["buckets"].items())
-        for bound, n in bounds:
-            if n - prev["buckets"].get(_le_key(bound), 0) >= count:
-                out["worst_le_s"] = max(out["worst_le_s"], bound)
-                break
+        out[worst] = 0.0
+        for gen, now in after[key].items():
+            prev = (before or {}).get(key, {}).get(
+                gen, {"count": 0, "sum_s": 0.0, "buckets": {}})
+            count = now["count"] - prev["count"]
+            if key == "generations":
+                out["collections"][gen] = count
+                out["total_s"] += now["sum_s"] - prev["sum_s"]
+            if count <= 0:
+                continue
+            bounds = sorted(((math.inf if le == "+Inf" else float(le)), n)
+                            for le, n in now["buckets"].items())
+            for bound, n in bounds:
+                if n - prev["buckets"].get(_le_key(bound), 0) >= count:
+                    out[worst] = max(out[worst], bound)
+                    break
     return out
 
 
@@ -420,6 +432,8 @@ def fmt_le(seconds: float) -> str:
     """A bucket bound as the worst pause: "<= 2.00 ms", "> 1 s", "none"."""
     if seconds == 0:
         return "none"
+    if math.isnan(seconds):
+        return "n/a"
     if math.isinf(seconds):
         return "> 1 s"
     return f"<= {C.fmt_ms(seconds)}"
@@ -642,7 +656,8 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     if has_trace:
         headers += ["GC runs 0/1/2", "GC max pause"]
     if has_gc:
-        headers += ["GC runs 0/1/2 typing", "worst GC pause typing", "GC max since start"]
+        headers += ["GC runs 0/1/2 typing", "worst GC pause typing (its CPU)",
+                    "GC max since start"]
     rows = []
     for s in result["steps"]:
         lat = s["latency"]
@@ -667,7 +682,8 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             worst = max((g["max_s"] for g in (s.get("gc") or {}).get("generations", {})
                          .values()), default=math.nan)
             row += ["/".join(str(runs.get(g, 0)) for g in ("0", "1", "2")),
-                    fmt_le(typing.get("worst_le_s", math.nan)), C.fmt_ms(worst)]
+                    f"{fmt_le(typing.get('worst_le_s', math.nan))} "
+                    f"({fmt_le(typing.get('worst_cpu_le_s', math.nan))})", C.fmt_ms(worst)]
         rows.append(row)
     echo = result.get("echo_all", {})
     what = (f"{ns.shell or 'default shell'} login shells in PTYs" if ns.upstream == "local"
@@ -686,8 +702,11 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
                  f"{', '.join(f'{n:,}' for n in last['worker_fds'])}")
     final = result.get("gc_final")
     if final:
+        cpu = final.get("cpu_generations") or {}
         text += (f"\nGC profile {final['profile']}: worst pause since start "
-                 + ", ".join(f"gen {g} {C.fmt_ms(v['max_s'])} ({v['count']:,} runs)"
+                 + ", ".join(f"gen {g} {C.fmt_ms(v['max_s'])} "
+                             f"(CPU {C.fmt_ms(cpu.get(g, {}).get('max_s', math.nan))}; "
+                             f"{v['count']:,} runs)"
                              for g, v in final["generations"].items())
                  + (f"; idle collector: {final['idle_collector']}"
                     if final.get("idle_collector") else ""))
@@ -842,6 +861,7 @@ def profile_summary(result: dict[str, Any]) -> dict[str, Any]:
         "sessions": last["sessions"], "keys": last["keys"], "latency": last["latency"],
         "gc_typing_collections": typing.get("collections"),
         "gc_typing_worst_le_s": typing.get("worst_le_s", math.nan),
+        "gc_typing_worst_cpu_le_s": typing.get("worst_cpu_le_s", math.nan),
         "gc_typing_total_s": typing.get("total_s", math.nan),
         "gc_max_s": max((g["max_s"] for g in gens.values()), default=math.nan),
         "gc_runs": {k: g["count"] for k, g in gens.items()},
@@ -855,7 +875,7 @@ def profile_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def compare_report(ns: argparse.Namespace, summaries: dict[str, dict[str, Any]]) -> str:
     headers = ["GC profile", "sessions", "keys", "RTT p50", "RTT p99", "RTT p99.9",
-               "GC runs 0/1/2 typing", "worst GC pause typing", "worst GC pause (run)",
+               "GC runs 0/1/2 typing", "worst GC pause typing (its CPU)", "worst GC pause (run)",
                "GC runs 0/1/2 (run)", "RSS/session", "loop lag max", "CPU ms/1k keys"]
     rows = []
     for name, s in summaries.items():
@@ -865,7 +885,9 @@ def compare_report(ns: argparse.Namespace, summaries: dict[str, dict[str, Any]])
         rows.append([name, f"{s['sessions']:,}", f"{s['keys']:,}", C.fmt_ms(lat["p50"]),
                      C.fmt_ms(lat["p99"]), C.fmt_ms(lat["p99.9"]),
                      "/".join(str(typing.get(g, 0)) for g in ("0", "1", "2")),
-                     fmt_le(s["gc_typing_worst_le_s"]), C.fmt_ms(s["gc_max_s"]),
+                     f"{fmt_le(s['gc_typing_worst_le_s'])} "
+                     f"({fmt_le(s.get('gc_typing_worst_cpu_le_s', math.nan))})",
+                     C.fmt_ms(s["gc_max_s"]),
                      "/".join(f"{runs.get(g, 0):,}" for g in ("0", "1", "2")),
                      C.fmt_bytes(s["gateway_rss_per_session"]), C.fmt_ms(s["loop_lag_max_s"]),
                      C.fmt_num(s["cpu_ms_per_1000_keys"], 0)])

@@ -31,10 +31,14 @@ allocations are done, by :meth:`GcController.run`):
       at an idle-ish moment (see :class:`IdlePolicy`).  The old generation
       then never holds more than what was promoted since the previous step,
       so a step's pause is proportional to the promotions in between; the
-      collector estimates it from the previous steps and, when no idle-ish
-      moment comes (a burst of new sessions, sustained typing), forces the
-      step as soon as the estimate reaches ``max_step_s`` (2 ms): bounded in
-      time, and the old generation never grows far under load either;
+      collector estimates it from the previous steps.  When no idle-ish
+      moment comes (a burst of new sessions, sustained typing) and the
+      estimate reaches ``max_step_s`` (2 ms), the step is forced, and a
+      forced step whose estimate is over ``max_step_s`` only *freezes* the
+      promoted objects, uncollected: ``gc.freeze()`` moves lists, no pause
+      at all.  What was promoted survived two young collections (it was
+      alive then); garbage among it waits for the next deep sweep.  So
+      under load the old generation stays empty and no collection walks it;
     * *deep* sweeps: frozen objects are never examined, so cyclic garbage
       among them (a session's objects that form a cycle when it ends) is not
       reclaimed by those steps.  Once the heap has grown by ``deep_growth``
@@ -54,7 +58,10 @@ Pauses: :class:`GcPauseRecorder` times every collection with
 ``gc.callbacks`` (``time.perf_counter_ns`` at ``start`` and ``stop``) into a
 fixed-bucket histogram per generation, exported as
 ``podterm_gc_pause_seconds`` (and ``podterm_gc_pause_max_seconds``,
-``podterm_gc_profile_info``).  Collections in any thread count, explicit
+``podterm_gc_profile_info``), and the collecting thread's CPU time in each
+(``time.thread_time_ns``) into ``podterm_gc_pause_cpu_seconds`` and
+``podterm_gc_pause_cpu_max_seconds``: on a loaded machine a pause can last
+longer than the collector worked, while the OS runs other processes.  Collections in any thread count, explicit
 ones included: a pause is a pause.
 """
 
@@ -121,17 +128,25 @@ class GcProfile:
     collect_old_when_idle: bool
 
 
-#: The profiles by name.  Young thresholds of ``low-latency``: a gen-0
-#: collection walks at most ~700 new objects and a gen-1 one at most the
-#: survivors of 5 of those (~3,500 when everything survives, as while
-#: sessions open); at the 0.1–1 µs per object measured here that is under a
-#: millisecond or two.  ``throughput``: 50,000 / 50 / 100 makes collections
-#: ~70x rarer than the default at the price of longer young pauses.
+#: The profiles by name.  Young thresholds of ``low-latency``: 10,000 / 2.
+#: A young collection walks every young object still alive, at ~0.3 µs each
+#: on this machine, and under load nearly all of its time is that walk (perf:
+#: ``update_refs``/``subtract_refs``).  With CPython's 700, a gateway relaying
+#: keystrokes for 1,000 sessions collected 30 times a second and spent 22%
+#: of its CPU there; at 10,000 it collects about once in 10 s of the same
+#: typing, and the relay carried 30–50% more keystrokes per CPU-second
+#: (docs/benchmarks.md, "GC profiles").  The price is the walk after a burst
+#: of new sessions, when everything young survives: ~10,000 objects (3 ms)
+#: per gen-0 collection and ~30,000 (10–15 ms) per gen-1 one, which the
+#: threshold of 2 keeps from growing to 60,000.  Promotions are frozen by
+#: :class:`OldGenerationCollector`, so the old generation is never walked
+#: while serving.  ``throughput``: 50,000 / 50 / 100 makes collections ~70x
+#: rarer than the default at the price of longer young pauses.
 PROFILES: Mapping[str, GcProfile] = MappingProxyType({
     "default": GcProfile("default", None, freeze_at_start=False, collect_old_when_idle=False),
     "throughput": GcProfile("throughput", (50_000, 50, 100), freeze_at_start=True,
                             collect_old_when_idle=False),
-    "low-latency": GcProfile("low-latency", (700, 5, NEVER), freeze_at_start=True,
+    "low-latency": GcProfile("low-latency", (10_000, 2, NEVER), freeze_at_start=True,
                              collect_old_when_idle=True),
 })
 
@@ -150,6 +165,11 @@ class GcPauseStatistics:
         sum_s: per generation, total seconds paused.
         count: per generation, collections measured.
         max_s: per generation, the longest pause.
+        cpu_buckets, cpu_sum_s, cpu_max_s: the same for the CPU time the
+            collecting thread spent in the collection (``time.thread_time``).
+            A pause longer in wall time than in CPU time is the operating
+            system running something else meanwhile (a loaded machine), not
+            the collector's work.
     """
 
     bounds_s: tuple[float, ...]
@@ -157,6 +177,9 @@ class GcPauseStatistics:
     sum_s: tuple[float, ...]
     count: tuple[int, ...]
     max_s: tuple[float, ...]
+    cpu_buckets: tuple[tuple[int, ...], ...]
+    cpu_sum_s: tuple[float, ...]
+    cpu_max_s: tuple[float, ...]
 
     @property
     def worst_s(self) -> float:
@@ -179,10 +202,12 @@ class GcPauseRecorder:
     """
 
     __slots__ = ("_bounds_s", "_bounds_ns", "_counts", "_sum_ns", "_max_ns", "_started_ns",
-                 "_clock_ns", "_users")
+                 "_clock_ns", "_users", "_cpu_clock_ns", "_started_cpu_ns", "_cpu_counts",
+                 "_cpu_sum_ns", "_cpu_max_ns")
 
     def __init__(self, buckets_s: Sequence[float] = DEFAULT_PAUSE_BUCKETS_S, *,
-                 clock_ns: Callable[[], int] = time.perf_counter_ns) -> None:
+                 clock_ns: Callable[[], int] = time.perf_counter_ns,
+                 cpu_clock_ns: Callable[[], int] = time.thread_time_ns) -> None:
         bounds = tuple(float(b) for b in buckets_s)
         if not bounds or any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
             raise ValueError(f"buckets_s={buckets_s!r}: positive and strictly increasing")
@@ -194,6 +219,11 @@ class GcPauseRecorder:
         self._started_ns: int | None = None
         self._clock_ns = clock_ns
         self._users = 0
+        self._cpu_clock_ns = cpu_clock_ns
+        self._started_cpu_ns = 0
+        self._cpu_counts = [[0] * (len(bounds) + 1) for _ in range(_GENERATIONS)]
+        self._cpu_sum_ns = [0] * _GENERATIONS
+        self._cpu_max_ns = [0] * _GENERATIONS
 
     def __repr__(self) -> str:
         counts = "/".join(str(sum(c)) for c in self._counts)
@@ -204,21 +234,34 @@ class GcPauseRecorder:
     def callback(self, phase: str, info: Mapping[str, Any]) -> None:
         """The ``gc.callbacks`` hook: ``start`` stamps, ``stop`` records."""
         if phase == "start":
+            self._started_cpu_ns = self._cpu_clock_ns()
             self._started_ns = self._clock_ns()
             return
         started = self._started_ns
         if started is None:
             return  # installed while a collection ran: its start was not seen
+        wall = self._clock_ns() - started
+        cpu = self._cpu_clock_ns() - self._started_cpu_ns
         self._started_ns = None
-        self.observe(info["generation"], self._clock_ns() - started)
+        self.observe(info["generation"], wall, cpu)
 
-    def observe(self, generation: int, duration_ns: int) -> None:
-        """Count one pause of ``duration_ns`` in ``generation`` (0, 1 or 2)."""
+    def observe(self, generation: int, duration_ns: int, cpu_ns: int | None = None) -> None:
+        """Count one pause of ``duration_ns`` (wall) and ``cpu_ns`` (CPU) in ``generation``.
+
+        ``cpu_ns`` None: only the wall time is known; it counts as CPU time too.
+        """
         # Prometheus buckets are "less than or equal": the first bound >= duration.
-        self._counts[generation][bisect.bisect_left(self._bounds_ns, duration_ns)] += 1
+        bounds = self._bounds_ns
+        self._counts[generation][bisect.bisect_left(bounds, duration_ns)] += 1
         self._sum_ns[generation] += duration_ns
         if duration_ns > self._max_ns[generation]:
             self._max_ns[generation] = duration_ns
+        if cpu_ns is None:
+            cpu_ns = duration_ns
+        self._cpu_counts[generation][bisect.bisect_left(bounds, cpu_ns)] += 1
+        self._cpu_sum_ns[generation] += cpu_ns
+        if cpu_ns > self._cpu_max_ns[generation]:
+            self._cpu_max_ns[generation] = cpu_ns
 
     @property
     def is_installed(self) -> bool:
@@ -239,18 +282,26 @@ class GcPauseRecorder:
 
     def statistics(self) -> GcPauseStatistics:
         """A frozen snapshot (cumulative buckets, as Prometheus wants them)."""
-        buckets = []
-        for counts in self._counts:
-            running, cumulative = 0, []
-            for n in counts:
-                running += n
-                cumulative.append(running)
-            buckets.append(tuple(cumulative))
         return GcPauseStatistics(
-            bounds_s=self._bounds_s, buckets=tuple(buckets),
+            bounds_s=self._bounds_s, buckets=_cumulative(self._counts),
             sum_s=tuple(ns / 1e9 for ns in self._sum_ns),
             count=tuple(sum(c) for c in self._counts),
-            max_s=tuple(ns / 1e9 for ns in self._max_ns))
+            max_s=tuple(ns / 1e9 for ns in self._max_ns),
+            cpu_buckets=_cumulative(self._cpu_counts),
+            cpu_sum_s=tuple(ns / 1e9 for ns in self._cpu_sum_ns),
+            cpu_max_s=tuple(ns / 1e9 for ns in self._cpu_max_ns))
+
+
+def _cumulative(per_generation: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    """Per-bucket counts to Prometheus's cumulative ones, per generation."""
+    out = []
+    for counts in per_generation:
+        running, cumulative = 0, []
+        for n in counts:
+            running += n
+            cumulative.append(running)
+        out.append(tuple(cumulative))
+    return tuple(out)
 
 
 _RECORDER: GcPauseRecorder | None = None
@@ -333,6 +384,8 @@ class CollectorStatistics:
         promoted_steps: ``collect(2)`` + ``freeze()`` steps run.
         forced_steps: the part of them forced by ``max_step_s`` or
             ``max_defer_s`` rather than run at an idle-ish moment.
+        frozen_steps: the part of the forced ones that only froze (their
+            estimate was over ``max_step_s``): no collection, no pause.
         deep_sweeps: ``unfreeze()`` + ``collect()`` + ``freeze()`` sweeps run.
         forced_deep_sweeps: the part of them run after ``deep_max_defer_s``.
         collected: objects the collector's own collections freed.
@@ -345,6 +398,7 @@ class CollectorStatistics:
 
     promoted_steps: int
     forced_steps: int
+    frozen_steps: int
     deep_sweeps: int
     forced_deep_sweeps: int
     collected: int
@@ -381,7 +435,8 @@ class OldGenerationCollector:
     """
 
     __slots__ = ("policy", "_activity", "_cpu_clock", "_clock", "_heap_size",
-                 "_promoted_steps", "_forced_steps", "_deep_sweeps", "_forced_deep",
+                 "_promoted_steps", "_forced_steps", "_frozen_steps", "_pending_base", "_deep_sweeps",
+                 "_forced_deep",
                  "_collected", "_heap_base", "_heap", "_heap_at", "_s_per_promotion",
                  "_last_step_s", "_last_deep_s", "_quiet_since", "_pending_since",
                  "_doubled_at", "_token", "_wake_asked")
@@ -398,6 +453,8 @@ class OldGenerationCollector:
         self._heap_size = heap_size
         self._promoted_steps = 0
         self._forced_steps = 0
+        self._frozen_steps = 0
+        self._pending_base = 0
         self._deep_sweeps = 0
         self._forced_deep = 0
         self._collected = 0
@@ -444,6 +501,18 @@ class OldGenerationCollector:
             gc.callbacks.remove(self._on_collection)
             self._token = None
 
+    def _pending(self) -> int:
+        """Young collections that promoted objects since the latest step.
+
+        ``gc.get_count()[2]`` counts them since the latest *collection* of the
+        old generation; a step that only froze does not reset it, so the
+        count it left is the baseline until a collection does.
+        """
+        count = gc.get_count()[2]
+        if count < self._pending_base:
+            self._pending_base = 0  # the old generation was collected since
+        return count - self._pending_base
+
     def _over_budget(self, pending: int) -> bool:
         return pending * self._s_per_promotion >= self.policy.max_step_s
 
@@ -455,7 +524,7 @@ class OldGenerationCollector:
         """
         if phase != "stop" or info["generation"] != 1 or self._wake_asked:
             return
-        if not self._over_budget(gc.get_count()[2]):
+        if not self._over_budget(self._pending()):
             return
         token = self._token
         if token is None:
@@ -469,7 +538,7 @@ class OldGenerationCollector:
     def _forced_look(self) -> None:
         """On the trio loop, outside any collection: run the step that came due."""
         self._wake_asked = False
-        pending = gc.get_count()[2]
+        pending = self._pending()
         if pending and self._over_budget(pending):
             self._promoted(pending, forced=True)
 
@@ -501,9 +570,12 @@ class OldGenerationCollector:
             if quiet_for >= policy.deep_idle_s or overdue:
                 self._deep(forced=quiet_for < policy.deep_idle_s)
                 return "deep"
-        pending = gc.get_count()[2]  # gen-1 collections since the old generation's last one
+        pending = self._pending()  # gen-1 collections since the old generation's last one
         if not pending:
             self._pending_since = None
+            if idle and gc.get_count()[1] > 0:
+                self._young_step()
+                return "promoted"
             return None
         if self._pending_since is None:
             self._pending_since = now
@@ -514,23 +586,48 @@ class OldGenerationCollector:
         return None
 
     def _promoted(self, pending: int, *, forced: bool) -> None:
-        started = time.perf_counter()
-        self._collected += gc.collect(2)
-        gc.freeze()
-        took = time.perf_counter() - started
-        self._last_step_s = took
-        # The next estimate: what the recent steps cost per promotion (never zero).
-        self._s_per_promotion = max((self._s_per_promotion + took / pending) / 2, 1e-6)
         self._pending_since = None
         self._promoted_steps += 1
         if forced:
             self._forced_steps += 1
+            if self._over_budget(pending):
+                # Under load, and collecting would take longer than max_step_s:
+                # freeze what was promoted as it is (no pause; see the module
+                # docstring), and leave its garbage to the next deep sweep.
+                gc.freeze()
+                self._frozen_steps += 1
+                self._pending_base = gc.get_count()[2]
+                return
+        started = time.perf_counter()
+        self._collected += gc.collect(2)
+        gc.freeze()
+        self._pending_base = 0
+        took = time.perf_counter() - started
+        self._last_step_s = took
+        # The next estimate: what the recent steps cost per promotion (never zero).
+        self._s_per_promotion = max((self._s_per_promotion + took / pending) / 2, 1e-6)
+
+    def _young_step(self) -> None:
+        """At an idle-ish moment: collect the young generations and freeze what is left.
+
+        Survivors of generation-0 collections wait in generation 1 (up to
+        ``threshold0 * threshold1`` objects after a burst of new sessions);
+        collected now, while nobody waits, the next generation-1 collection
+        under load walks only what came since.  Nothing was promoted since the
+        latest step (the old generation is empty), so ``collect(1)`` and a
+        freeze leave every generation empty.
+        """
+        self._collected += gc.collect(1)
+        gc.freeze()
+        self._pending_base = gc.get_count()[2]  # (collect(1) counts in it)
+        self._promoted_steps += 1
 
     def _deep(self, *, forced: bool) -> None:
         started = time.perf_counter()
         gc.unfreeze()
         self._collected += gc.collect()
         gc.freeze()
+        self._pending_base = 0
         self._last_deep_s = time.perf_counter() - started
         self._heap_base = self._heap = self._heap_size()
         self._doubled_at = None
@@ -544,6 +641,7 @@ class OldGenerationCollector:
     def statistics(self) -> CollectorStatistics:
         return CollectorStatistics(
             promoted_steps=self._promoted_steps, forced_steps=self._forced_steps,
+            frozen_steps=self._frozen_steps,
             deep_sweeps=self._deep_sweeps, forced_deep_sweeps=self._forced_deep,
             collected=self._collected, heap_blocks=self._heap,
             heap_blocks_at_sweep=self._heap_base, seconds_per_promotion=self._s_per_promotion,
@@ -633,6 +731,14 @@ class GcController:
             labelled("podterm_gc_pause_max_seconds", "gauge",
                      "The longest garbage-collection pause since start, by generation.",
                      "generation", dict(zip(gens, st.max_s, strict=True))),
+            histogram("podterm_gc_pause_cpu_seconds",
+                      "CPU time of the collecting thread in each garbage-collection pause, "
+                      "by generation (less than the pause: the OS ran something else).",
+                      "generation", st.bounds_s,
+                      {g: (st.cpu_buckets[i], st.cpu_sum_s[i]) for i, g in enumerate(gens)}),
+            labelled("podterm_gc_pause_cpu_max_seconds", "gauge",
+                     "The most CPU time one garbage-collection pause took since start.",
+                     "generation", dict(zip(gens, st.cpu_max_s, strict=True))),
             labelled("podterm_gc_profile_info", "gauge", "The GC profile in force (value 1).",
                      "profile", {self.profile.name: 1}),
         ]
@@ -642,5 +748,6 @@ class GcController:
                 "podterm_gc_old_generation_collections_total", "counter",
                 "Old-generation collections run by the idle collector, by kind.", "kind",
                 {"promoted": cs.promoted_steps, "promoted_forced": cs.forced_steps,
+                 "promoted_frozen": cs.frozen_steps,
                  "deep": cs.deep_sweeps, "deep_forced": cs.forced_deep_sweeps}))
         return fams

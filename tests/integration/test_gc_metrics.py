@@ -43,6 +43,13 @@ async def test_metrics_expose_the_gc_pause_histogram(gateway: GatewayUnderTest) 
     assert _sample(text, 'podterm_gc_pause_seconds_bucket{generation="0",le="0.0001"}') >= 0
     assert _sample(text, 'podterm_gc_pause_seconds_sum{generation="2"}') > 0
     assert _sample(text, 'podterm_gc_pause_max_seconds{generation="2"}') > 0
+    # The collector's CPU time in the same pauses: as many, never more than their wall time.
+    assert "# TYPE podterm_gc_pause_cpu_seconds histogram" in text
+    assert _sample(text, 'podterm_gc_pause_cpu_seconds_count{generation="2"}') == \
+        _sample(text, count)
+    assert 0 < _sample(text, 'podterm_gc_pause_cpu_seconds_sum{generation="2"}') <= \
+        _sample(text, 'podterm_gc_pause_seconds_sum{generation="2"}') * 1.01
+    assert _sample(text, 'podterm_gc_pause_cpu_max_seconds{generation="2"}') > 0
 
 
 async def test_low_latency_profile_is_applied_while_the_gateway_runs(
