@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
 from podterm.errors import LocalProtocolError
+from podterm.net import wsconn
 from podterm.net.wsconn import IOV_BATCH, WebSocketStream
 from podterm.protocol._types import Buffer
 from podterm.protocol.websocket import Role, WebSocketConnection
@@ -191,6 +194,85 @@ def test_send_stdin_nowait_writes_now_and_declines_once_closed() -> None:
             await stream.close_stdin()
             assert stream.send_stdin_nowait(b"late") == 0
             assert stream.statistics().bytes_stdin == 6
+        finally:
+            await stream.aclose()
+
+    _run_bounded(main)
+
+
+class _CountingRead:
+    """``os.read``, counting the reads that found nothing (EAGAIN)."""
+
+    def __init__(self) -> None:
+        self.empty = 0
+        self.calls = 0
+        self._read = os.read  # (the patch replaces os.read itself)
+
+    def __call__(self, fd: int, n: int) -> bytes:
+        self.calls += 1
+        try:
+            return self._read(fd, n)
+        except BlockingIOError:
+            self.empty += 1
+            raise
+
+
+def test_after_a_short_read_the_socket_reader_waits_before_reading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _CountingRead()
+    monkeypatch.setattr(os, "read", reads)  # wsconn reads with os.read
+
+    async def main() -> None:
+        server, client = _pair()
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            while len(got) < 20:
+                got.extend(await _read_payloads(server, 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for i in range(20):  # keystroke-sized messages, each to a waiting reader
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_binary(b"k%d" % i)
+                while len(got) < i + 1:
+                    await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"k%d" % i for i in range(20)]
+        # One speculative read on an empty socket at most (the first), none after.
+        assert reads.empty <= 1
+        assert reads.calls <= 21
+        # A full read keeps reading first: what is left is read without a wait.
+        big = b"x" * (wsconn.DEFAULT_READ_SIZE * 3)
+        await client.send_binary(big)
+        assert b"".join(await _read_payloads(server, 1)) == big
+        await client.stream.aclose()
+        await server.stream.aclose()
+
+    _run_bounded(main)
+
+
+def test_after_a_small_tty_read_the_reader_waits_before_reading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _CountingRead()
+    monkeypatch.setattr(os, "read", reads)  # LocalStream reads with os.read
+
+    async def main() -> None:
+        upstream = LocalUpstream(kill_grace_s=0.2)
+        stream = await upstream.open(StreamSpec(command=("sh", "-c", "stty raw -echo; "
+                                                         "printf R; exec cat"), tty=True))
+        try:
+            out = b""
+            while out != b"R":
+                _channel, data = await stream.receive_some()
+                out += data
+            before = reads.empty
+            for key in b"abcdefghij":
+                assert stream.send_stdin_nowait(bytes([key])) == 1
+                echo = b""
+                while echo != bytes([key]):
+                    _channel, data = await stream.receive_some()
+                    echo += data
+            assert reads.empty - before <= 1  # ten echoes, no read that found nothing
         finally:
             await stream.aclose()
 

@@ -174,6 +174,7 @@ class WebSocketStream:
         "stream", "conn", "subprotocol", "heartbeat", "close_timeout_s",
         "_read_size", "_initial", "_close_info", "_eof", "_stream_closed",
         "_writing", "_write_lot", "_send_broken", "_reading", "_read_lot", "_pending_out",
+        "_drained",
     )
 
     def __init__(self, stream: trio.abc.Stream, conn: WebSocketConnection, *,
@@ -196,6 +197,8 @@ class WebSocketStream:
         self._close_info: tuple[int, str] | None = None  # set once reading is over
         self._eof = False
         self._stream_closed = False
+        # The latest read took less than asked: the socket was empty then.
+        self._drained = False
         self._writing = False
         self._write_lot: trio.lowlevel.ParkingLot | None = None  # created on first contention
         self._send_broken = False
@@ -284,12 +287,21 @@ class WebSocketStream:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
+        size = self._read_size
+        if self._drained:
+            # The latest read emptied the socket: a read now would most likely
+            # fail (EAGAIN raised and caught, a wasted system call: two per
+            # keystroke's round trip).  Wait for data first.
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("this socket was already closed")
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
         while True:
             fd = sock.fileno()
             if fd < 0:
                 raise trio.ClosedResourceError("this socket was already closed")
             try:
-                data = os.read(fd, self._read_size)
+                data = os.read(fd, size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 waited = True
@@ -298,6 +310,7 @@ class WebSocketStream:
                 if exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError("this socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            self._drained = len(data) < size
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data

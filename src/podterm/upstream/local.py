@@ -83,6 +83,8 @@ _FALLBACK_WAIT_THREADS = 65536
 # capacity.  The bytes object is allocated at this size and shrunk to what
 # arrived, so it is kept below glibc's 128 KiB mmap threshold for the many
 # small reads (keystroke echoes).
+#: A tty read smaller than this looks interactive (see ``LocalStream._tty_quiet``).
+_TTY_QUIET_BYTES = 1024
 _READ_BYTES = 65536
 #: What a pipe that came back full is grown to (F_SETPIPE_SZ), and then read
 #: at a time: one session read of this size, one ring segment, one writev.
@@ -309,6 +311,9 @@ class LocalStream:
         self._at_line_start = True  # tty: whether the last byte typed ended a line
         self._stdin_closed = False
         self._eof = False
+        # tty: the latest read was small (interactive output: a keystroke's
+        # echo, a prompt), so the terminal is most likely empty now.
+        self._tty_quiet = False
         self._closed = False
         self._receiving = False
         self._sending = False
@@ -366,6 +371,14 @@ class LocalStream:
 
     async def _receive_tty(self, master: int, max_bytes: int) -> tuple[int, bytes]:
         waited = False
+        if self._tty_quiet and not self._eof:
+            # After a small read the next one would most likely fail with
+            # EAGAIN (a system call and an exception per keystroke's echo):
+            # wait for output first.  A busy terminal gives reads of ~4 KiB
+            # (the line discipline's buffer) and keeps reading first.
+            await trio.lowlevel.wait_readable(master)
+            self._check_not_closed()
+            waited = True
         while not self._eof:
             try:
                 data = os.read(master, max_bytes if max_bytes < _READ_BYTES else _READ_BYTES)
@@ -384,6 +397,7 @@ class LocalStream:
                 self._eof = True
                 break
             self._bytes_stdout += len(data)
+            self._tty_quiet = len(data) < _TTY_QUIET_BYTES
             if not waited:
                 # Yield even when data was ready, so one chatty shell cannot
                 # starve every other task (trio's sockets do the same).
