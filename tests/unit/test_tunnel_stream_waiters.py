@@ -150,3 +150,52 @@ def test_a_sender_waiting_for_room_is_told_when_the_stream_is_lost() -> None:
         assert len(errors) == 1
 
     _run(main)
+
+
+def test_output_is_pushed_to_a_waiting_readers_sink_and_queued_when_refused() -> None:
+    counter = _StepCounter()
+
+    async def main() -> None:
+        stream = _stream()
+        trio.lowlevel.add_instrument(counter)
+        pushed: list[tuple[int, bytes]] = []
+        accept = [True]
+
+        def sink(channel: int, data: bytes) -> bool:
+            if accept[0]:
+                pushed.append((channel, data))
+            return accept[0]
+
+        got: list[tuple[int, bytes]] = []
+
+        async def reader() -> None:
+            counter.watched[trio.lowlevel.current_task()] = "reader"
+            got.append(await stream.receive_some(100))
+
+        stream.deliver(_STDOUT, b"queued before any reader")
+        stream.set_output_sink(sink)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [(_STDOUT, b"queued before any reader")]  # order: queue first
+            assert pushed == []
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            before = counter.steps.get("reader", 0)
+            for i in range(5):
+                stream.deliver(_STDOUT, b"p%d" % i)
+            assert pushed == [(_STDOUT, b"p%d" % i) for i in range(5)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert counter.steps.get("reader", 0) == before  # nobody woken
+            accept[0] = False  # no room: queued, and the reader is woken for it
+            stream.deliver(_STDOUT, b"refused")
+            accept[0] = True
+            stream.deliver(_STDOUT, b"after")  # queued behind it: order is kept
+        assert got[1] == (_STDOUT, b"refusedafter")
+        assert len(pushed) == 5
+        stream.set_output_sink(None)
+        stream.deliver(_STDOUT, b"no sink")
+        assert await stream.receive_some(100) == (_STDOUT, b"no sink")
+        trio.lowlevel.remove_instrument(counter)
+
+    _run(main)

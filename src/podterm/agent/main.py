@@ -600,19 +600,23 @@ class Agent(StreamHost):
                     break
                 for sid, n in plan:
                     stream = self.streams[sid]
+                    # An input ACK due on this stream, or held for the timer,
+                    # leaves now and *ahead of* the output (a keystroke's
+                    # echo): the gateway learns the input is written before
+                    # it relays the echo, and tells its client both in one write.
+                    ack = self._acks.pop(sid, None)
+                    if sid in self._ack_timer:
+                        self._ack_timer.discard(sid)
+                        flushed = mux.ack_now(sid, trio.current_time())
+                        if flushed is not None:
+                            ack = flushed
+                    if ack is not None:
+                        put(sid, Ack(ack))
                     for channel, data in stream.take_output(n):
                         event: Stdout | Stderr = Stdout(data) if channel == _STDOUT \
                             else Stderr(data)
                         put(sid, event)
                         mux.sent(sid, event)
-                    if sid in self._ack_timer:
-                        # Input consumed but its ACK held for the timer: it
-                        # leaves with this output (a keystroke's echo), so the
-                        # gateway acknowledges both to its client in one write.
-                        self._ack_timer.discard(sid)
-                        offset = mux.ack_now(sid, trio.current_time())
-                        if offset is not None:
-                            self._acks[sid] = offset
                     size += n
                     pending[sid] -= n
                     if not pending[sid]:

@@ -604,6 +604,30 @@ class Session:
         read_bytes = self.limits.read_bytes
         park = self._credit_lot.park
         recorder = self.recorder
+        set_sink: Callable[[Callable[[int, bytes], bool] | None], None] | None = getattr(
+            stream, "set_output_sink", None)
+
+        def take_now(channel: int, data: bytes) -> bool:
+            """The upstream's push while this pump waits in its receive_some (see below)."""
+            if (stream is not self._stream or self._catch_up_to is not None
+                    or len(data) > read_bytes
+                    or len(data) > window - (ring.end - self.writer_acked)):
+                return False
+            try:
+                if recorder is not None and not recorder.output_nowait(data):
+                    return False  # the writer is behind: the pump waits for it
+                self._append_output(channel, data)
+            except Exception:  # noqa: BLE001 - never into the upstream's task
+                log.exception("session.output.push_failed %s", self.id)
+                return False  # the pump takes it, and meets the error itself
+            return True
+
+        if set_sink is not None:
+            # An upstream that can push (agent streams) hands output that fits
+            # straight to the ring, from its own task, while this pump waits:
+            # no wake-up of the pump per message.  The same checks as below;
+            # what does not fit waits for the pump.
+            set_sink(take_now)
         try:
             while True:
                 room = window - (ring.end - self.writer_acked)
@@ -640,6 +664,8 @@ class Session:
         except RecordingFailed:
             self.kill("recording_failed")  # fail closed: never run on unrecorded
         finally:
+            if set_sink is not None:
+                set_sink(None)
             if stream is self._stream:
                 self._eof = True
             self._out_pumping = False

@@ -410,7 +410,7 @@ class TunnelStream:
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
-                 "_exit_lot", "_space_lot",
+                 "_exit_lot", "_space_lot", "_sink",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
                  "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
                  "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
@@ -435,6 +435,8 @@ class TunnelStream:
         self._lot = trio.lowlevel.ParkingLot()
         self._exit_lot = trio.lowlevel.ParkingLot()
         self._space_lot: trio.lowlevel.ParkingLot | None = None
+        # The reader's push target while it waits in receive_some (set_output_sink).
+        self._sink: Callable[[int, bytes], bool] | None = None
         #: Input not yet acknowledged by the agent; never more than one window.
         #: Starts at the agent's input offset for an adopted stream.
         self.log = InputLog(in_offset, limit=window)
@@ -492,8 +494,25 @@ class TunnelStream:
         if self._space_lot is not None:
             self._space_lot.unpark_all()
 
+    def set_output_sink(self, sink: Callable[[int, bytes], bool] | None) -> None:
+        """Push output to ``sink(channel, data)`` while the reader waits for it.
+
+        The session's output pump sets it: while the pump is parked in
+        :meth:`receive_some` with nothing queued, :meth:`deliver` offers each
+        message to ``sink`` first, from the tunnel's task, and only a
+        message it refuses (False: no room, the recording writer behind) is
+        queued and wakes the pump.  Order is kept: nothing is offered while
+        anything is queued.  ``sink`` must not block or raise.
+        """
+        self._sink = sink
+
     def deliver(self, channel: int, data: bytes) -> None:
         """Output from the agent (the mux accounted for it)."""
+        sink = self._sink
+        if (sink is not None and self._inbox is None and self._receiving
+                and not self.closed and sink(channel, data)):
+            self._tunnel.consumed(self, len(data))
+            return
         inbox = self._inbox
         if inbox is None:
             inbox = self._inbox = deque()
