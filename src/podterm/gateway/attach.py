@@ -80,7 +80,7 @@ from podterm.protocol.session_proto import (
 )
 from podterm.protocol.websocket import ConnectionState, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.session.attachment import Attachment, Mode, ack_timer
+from podterm.session.attachment import Attachment, Mode, ack_timer, heartbeat_timer
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
 
@@ -425,13 +425,13 @@ class _Link:
                 await self._close(*att.close)
                 return
             # Nothing to send: park until woken (output, a notice, a deferred
-            # ACK's turn: AckTimer) or the next PING.
-            with trio.CancelScope(deadline=hb.deadline) as parked:
-                att.park_scope = parked
-                try:
-                    await att.wait_woken()
-                finally:
-                    att.park_scope = None
+            # ACK's turn: AckTimer, the next PING's: HeartbeatTimer).
+            heartbeat_timer().schedule(att, hb.deadline)
+            att.parked = True
+            try:
+                await att.wait_woken()
+            finally:
+                att.parked = False
 
     def flush_output(self) -> bool:
         """Send new output from the session's task while the sender is parked.

@@ -22,6 +22,8 @@ Nothing here blocks; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -33,7 +35,8 @@ from podterm.protocol.events import Drain, ErrorMsg, Gap, Hello
 if TYPE_CHECKING:
     from podterm.session.session import Session
 
-__all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "Mode", "Notice", "ack_timer"]
+__all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "HeartbeatTimer", "Mode", "Notice",
+           "ack_timer", "heartbeat_timer"]
 
 #: How long an input ACK may wait for output to leave with (see
 #: :meth:`Attachment.input_written`); below §6's 100 ms, and long enough for
@@ -114,6 +117,80 @@ def ack_timer() -> AckTimer:
         return timer
 
 
+class HeartbeatTimer:
+    """Wakes each parked sender when its link's heartbeat is due: one task, one heap.
+
+    A parked sender waited under a cancel scope whose deadline was the next
+    PING: a ``CancelScope`` and its ``CancelStatus`` per idle link (about
+    0.5 KiB of an idle session) and an update of trio's deadline heap every
+    time the sender parked (per keystroke).  Instead the sender queues its
+    heartbeat deadline here when it parks (:meth:`schedule`, a no-op while
+    an entry at or before that time is queued), and parks with no deadline.
+    When an entry is due the timer wakes the link's sender
+    (:meth:`Attachment.heartbeat_due`), which sends the PING or declares the
+    peer dead, exactly as when its scope expired.
+
+    Entries superseded by an earlier one are skipped when they come up, so
+    the heap holds a few entries per link at most, each due within one
+    heartbeat interval.  One per trio run (:func:`heartbeat_timer`), a
+    system task: it never raises and ends with the run.
+    """
+
+    __slots__ = ("_heap", "_lot", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Attachment]] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, att: Attachment, due: float) -> None:
+        """Wake ``att``'s sender at ``due`` (unless an entry at or before it is queued)."""
+        queued = att.heartbeat_at
+        if queued is not None and queued <= due:
+            return
+        att.heartbeat_at = due
+        heap = self._heap
+        heapq.heappush(heap, (due, next(self._seq), att))
+        if heap[0][2] is att:
+            self._lot.unpark_all()  # the earliest entry moved: the timer re-reads it
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            if not heap:
+                await self._lot.park()
+                continue
+            due = heap[0][0]
+            if due > trio.current_time():
+                with trio.move_on_at(due):
+                    await self._lot.park()
+                continue
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                due, _, att = heapq.heappop(heap)
+                if att.heartbeat_at == due:  # (not superseded by an earlier entry)
+                    att.heartbeat_at = None
+                    att.heartbeat_due()
+
+
+_HEARTBEAT_TIMER: trio.lowlevel.RunVar[HeartbeatTimer] = trio.lowlevel.RunVar(
+    "podterm_heartbeat_timer")
+
+
+def heartbeat_timer() -> HeartbeatTimer:
+    """This trio run's :class:`HeartbeatTimer`, started on first use."""
+    try:
+        return _HEARTBEAT_TIMER.get()
+    except LookupError:
+        timer = HeartbeatTimer()
+        _HEARTBEAT_TIMER.set(timer)
+        trio.lowlevel.spawn_system_task(timer.run, name="podterm.heartbeat_timer")
+        return timer
+
+
 #: What the sender still has to send, in order, before any output: ``hello``,
 #: ``gap``, ``drain`` and ``error`` control messages.
 Notice = Hello | Gap | Drain | ErrorMsg
@@ -144,8 +221,8 @@ class Attachment:
     """
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
-                 "notices", "close", "gone", "exit_sent", "resumed", "park_scope", "flush",
-                 "ack_queued", "ack_overdue", "_lot")
+                 "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
+                 "ack_queued", "ack_overdue", "heartbeat_at", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -161,14 +238,16 @@ class Attachment:
         self.gone = False
         self.exit_sent = False
         self.resumed = False
-        #: The scope the sender parks in (set by the relay while it is parked).
-        self.park_scope: trio.CancelScope | None = None
+        #: True while the relay's sender is parked (waiting to be woken).
+        self.parked = False
         #: The relay's synchronous send of new output (see :meth:`output_ready`).
         self.flush: Callable[[], bool] | None = None
         #: In the :class:`AckTimer`'s queue now.
         self.ack_queued = False
         #: The deferred input ACK waited its :data:`INPUT_ACK_DELAY_S`: send it alone.
         self.ack_overdue = False
+        #: When the :class:`HeartbeatTimer` wakes the sender next (None: not queued).
+        self.heartbeat_at: float | None = None
         self._lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
@@ -193,7 +272,7 @@ class Attachment:
         it could not, and the sender is woken as for any change.
         """
         flush = self.flush
-        if flush is None or self.park_scope is None or not flush():
+        if flush is None or not self.parked or not flush():
             self._lot.unpark_all()
 
     def input_written(self, unacked: int) -> None:
@@ -209,7 +288,7 @@ class Attachment:
         if unacked >= self.session.limits.window_bytes // 4:
             self._lot.unpark_all()
             return
-        if self.park_scope is not None and not self.ack_queued:
+        if self.parked and not self.ack_queued:
             ack_timer().schedule(self)
 
     def ack_overdue_now(self) -> None:
@@ -219,6 +298,10 @@ class Attachment:
                 and session.in_written > self.in_ack_sent):
             self.ack_overdue = True
             self._lot.unpark_all()
+
+    def heartbeat_due(self) -> None:
+        """:class:`HeartbeatTimer`: the link's heartbeat deadline came; wake the sender."""
+        self._lot.unpark_all()
 
     async def wait_woken(self) -> None:
         """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""
