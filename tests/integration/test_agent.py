@@ -681,6 +681,45 @@ async def test_the_agent_acks_input_with_its_echo_not_on_its_timer(gateway: Gate
             await delete(gateway, created["id"])
 
 
+async def test_an_idle_agent_session_runs_no_output_pump(gateway: GatewayUnderTest,
+                                                         tokens: Tokens) -> None:
+    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True) as agent:
+        with trio.fail_after(WAIT_S * 2):
+            await agent.wait_registered()
+            created = await create(gateway, None, tty=True)
+            session = gateway.registry.get(created["id"])
+            client = await gateway.attach(created["id"])
+            await client.wait_hello()
+            typed = b""
+            for round_ in range(3):
+                # Idle: the session's nursery holds no task (its output pump
+                # left; the agent stream pushes output to the ring itself).
+                await wait_until(lambda: not session._nursery.child_tasks)
+                key = b"k%d" % round_
+                typed += key
+                await client.send_stdin(key)
+                await client.wait_for(lambda c, t=typed: bytes(c.output) == t)
+            # Output beyond the window's credit: the stream calls the pump
+            # back (refused pushes), and every byte arrives once, in order.
+            window = (await client.wait_hello()).window
+            payload = bytes(range(256)) * (2 * window // 256)
+            async with trio.open_nursery() as nursery:
+                async def type_it() -> None:
+                    for i in range(0, len(payload), 8192):
+                        await wait_until(lambda i=i: len(typed) + i + 8192
+                                         - max(client.in_acks, default=0) <= window)
+                        await client.send_stdin(payload[i:i + 8192])
+
+                nursery.start_soon(type_it)
+                await client.wait_for(lambda c: len(c.output) >= len(typed) + len(payload))
+            assert bytes(client.output) == typed + payload
+            await wait_until(lambda: not session._nursery.child_tasks)
+            await client.aclose()
+            await delete(gateway, created["id"])
+            await wait_until(lambda: not agent.streams)
+            assert session.end_reason is not None
+
+
 async def test_echo_agent_resumes_across_a_cut(gateway: GatewayUnderTest,
                                                tokens: Tokens) -> None:
     async with open_cut_proxy("127.0.0.1", gateway.port) as proxy:

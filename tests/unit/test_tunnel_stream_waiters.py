@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from podterm.errors import UpstreamError
+from podterm.protocol.events import Exit, Gap
 from podterm.store.base import PodIdentity
 from podterm.upstream.agent import AgentInfo, AgentUpstream, TunnelStream, _Tunnel
 from podterm.upstream.base import StreamSpec
@@ -199,3 +200,36 @@ def test_output_is_pushed_to_a_waiting_readers_sink_and_queued_when_refused() ->
         trio.lowlevel.remove_instrument(counter)
 
     _run(main)
+
+
+def test_the_reader_may_leave_only_while_nothing_is_due_and_is_called_back_once() -> None:
+    stream = _stream()
+    calls: list[str] = []
+    assert not stream.park_reader(lambda: calls.append("no sink"))  # nothing to push to
+    pushed: list[bytes] = []
+    accept = [True]
+
+    def sink(channel: int, data: bytes) -> bool:
+        if accept[0]:
+            pushed.append(data)
+        return accept[0]
+
+    stream.set_output_sink(sink)
+    assert stream.park_reader(lambda: calls.append("refused"))
+    stream.deliver(_STDOUT, b"pushed while away")  # taken: no call back
+    assert pushed == [b"pushed while away"] and calls == []
+    accept[0] = False
+    stream.deliver(_STDOUT, b"no room")  # queued: the reader is called back, once
+    stream.deliver(_STDOUT, b"more")
+    assert calls == ["refused"]
+    assert not stream.park_reader(lambda: calls.append("queued"))  # output waits for it
+    assert stream._take(100) == (_STDOUT, b"no roommore")
+    assert stream.park_reader(lambda: calls.append("ended"))
+    stream.on_gap(Gap(0, 5))  # the notice is queued output: called back
+    assert calls == ["refused", "ended"]
+    stream._take(1000)
+    assert stream.park_reader(lambda: calls.append("exit"))
+    stream.on_exit(Exit(code=0, signal=None, reason="exited"))
+    assert calls[-1] == "exit"
+    assert not stream.park_reader(lambda: calls.append("after exit"))  # EOF is due
+    assert calls == ["refused", "ended", "exit"]

@@ -606,6 +606,12 @@ class Session:
         recorder = self.recorder
         set_sink: Callable[[Callable[[int, bytes], bool] | None], None] | None = getattr(
             stream, "set_output_sink", None)
+        # With a sink, the pump can also leave while nothing is due: the
+        # stream starts it again (_restart_pump) when it queues output or
+        # changes state.  An idle session then costs no pump task.
+        park_reader: Callable[[Callable[[], None]], bool] | None = (
+            getattr(stream, "park_reader", None) if set_sink is not None else None)
+        handed_over = False
 
         def take_now(channel: int, data: bytes) -> bool:
             """The upstream's push while this pump waits in its receive_some (see below)."""
@@ -651,6 +657,10 @@ class Session:
                 if self._throttled:
                     self._throttled = False
                     self._status_lot.unpark_all()
+                if (park_reader is not None and self._catch_up_to is None
+                        and park_reader(self._restart_pump)):
+                    handed_over = True  # the stream pushes, or calls us back
+                    return
                 channel, data = await stream.receive_some(min(room, read_bytes))
                 if channel == _EOF:
                     break
@@ -664,13 +674,28 @@ class Session:
         except RecordingFailed:
             self.kill("recording_failed")  # fail closed: never run on unrecorded
         finally:
-            if set_sink is not None:
-                set_sink(None)
-            if stream is self._stream:
-                self._eof = True
-            self._out_pumping = False
-            self._status_lot.unpark_all()
-            self._wake_links()
+            if not handed_over:
+                if set_sink is not None:
+                    set_sink(None)
+                if stream is self._stream:
+                    self._eof = True
+                self._out_pumping = False
+                self._status_lot.unpark_all()
+                self._wake_links()
+
+    def _restart_pump(self) -> None:
+        """The stream's call: output or a state change came while the pump was away."""
+        nursery = self._nursery
+        if nursery is not None:
+            try:
+                nursery.start_soon(self._pump_output)
+                return
+            except RuntimeError:  # the nursery closed meanwhile (the session is ending)
+                pass
+        # The session is over: nobody reads the stream any more.
+        self._eof = True
+        self._out_pumping = False
+        self._status_lot.unpark_all()
 
     def _caught_up(self) -> None:
         self._catch_up_to = None

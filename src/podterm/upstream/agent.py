@@ -410,7 +410,7 @@ class TunnelStream:
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
-                 "_exit_lot", "_space_lot", "_sink",
+                 "_exit_lot", "_space_lot", "_sink", "_reader_cb",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
                  "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
                  "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
@@ -437,6 +437,8 @@ class TunnelStream:
         self._space_lot: trio.lowlevel.ParkingLot | None = None
         # The reader's push target while it waits in receive_some (set_output_sink).
         self._sink: Callable[[int, bytes], bool] | None = None
+        # Set while the reader is away (park_reader): what calls it back.
+        self._reader_cb: Callable[[], None] | None = None
         #: Input not yet acknowledged by the agent; never more than one window.
         #: Starts at the agent's input offset for an adopted stream.
         self.log = InputLog(in_offset, limit=window)
@@ -489,6 +491,7 @@ class TunnelStream:
 
     def _changed(self) -> None:
         """Wake every waiter: the stream's state changed (exit, loss, close, resume)."""
+        self._call_reader()
         self._lot.unpark_all()
         self._exit_lot.unpark_all()
         if self._space_lot is not None:
@@ -506,11 +509,33 @@ class TunnelStream:
         """
         self._sink = sink
 
+    def park_reader(self, callback: Callable[[], None]) -> bool:
+        """Let the reader leave while nothing is due; ``callback()`` when something is.
+
+        For the session's output pump, with a sink set (see
+        :meth:`set_output_sink`): while nothing is queued and the stream has
+        not ended, the pump need not wait in :meth:`receive_some` at all.
+        Returns False (the reader must stay) otherwise.  ``callback`` is
+        called once, from whichever task queues output or changes the
+        stream's state (exit, loss, close, a resume); it must not block.
+        """
+        if (self._sink is None or self._inbox is not None or self.closed
+                or self.exit is not None or self.lost is not None):
+            return False
+        self._reader_cb = callback
+        return True
+
+    def _call_reader(self) -> None:
+        callback = self._reader_cb
+        if callback is not None:
+            self._reader_cb = None
+            callback()
+
     def deliver(self, channel: int, data: bytes) -> None:
         """Output from the agent (the mux accounted for it)."""
         sink = self._sink
-        if (sink is not None and self._inbox is None and self._receiving
-                and not self.closed and sink(channel, data)):
+        if (sink is not None and self._inbox is None and not self.closed
+                and (self._receiving or self._reader_cb is not None) and sink(channel, data)):
             self._tunnel.consumed(self, len(data))
             return
         inbox = self._inbox
@@ -518,6 +543,7 @@ class TunnelStream:
             inbox = self._inbox = deque()
         inbox.append((channel, data, len(data)))
         self._inbox_bytes += len(data)
+        self._call_reader()
         self._lot.unpark_all()
 
     def on_ack(self, offset: int) -> None:
@@ -548,6 +574,7 @@ class TunnelStream:
                 self._inbox = deque()
             self._inbox.append((_STDOUT, notice, 0))
             self._inbox_bytes += len(notice)
+        self._call_reader()
         self._lot.unpark_all()
 
     def on_resume(self, start: int) -> None:
