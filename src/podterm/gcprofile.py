@@ -723,22 +723,26 @@ class GcController:
         """
         st = self.recorder.statistics()
         gens = [str(g) for g in range(_GENERATIONS)]
+
+        def pauses(name: str, what: str, buckets: tuple[tuple[int, ...], ...],
+                   sums: tuple[float, ...], worst: tuple[float, ...],
+                   worst_help: str) -> list[MetricFamily]:
+            """A histogram per generation and its worst value since start."""
+            return [histogram(name, what, "generation", st.bounds_s,
+                              {g: (buckets[i], sums[i]) for i, g in enumerate(gens)}),
+                    labelled(name.replace("_seconds", "_max_seconds"), "gauge", worst_help,
+                             "generation", dict(zip(gens, worst, strict=True)))]
+
         fams = [
-            histogram("podterm_gc_pause_seconds",
-                      "Garbage-collection pauses (gc.callbacks), by generation.",
-                      "generation", st.bounds_s,
-                      {g: (st.buckets[i], st.sum_s[i]) for i, g in enumerate(gens)}),
-            labelled("podterm_gc_pause_max_seconds", "gauge",
-                     "The longest garbage-collection pause since start, by generation.",
-                     "generation", dict(zip(gens, st.max_s, strict=True))),
-            histogram("podterm_gc_pause_cpu_seconds",
-                      "CPU time of the collecting thread in each garbage-collection pause, "
-                      "by generation (less than the pause: the OS ran something else).",
-                      "generation", st.bounds_s,
-                      {g: (st.cpu_buckets[i], st.cpu_sum_s[i]) for i, g in enumerate(gens)}),
-            labelled("podterm_gc_pause_cpu_max_seconds", "gauge",
-                     "The most CPU time one garbage-collection pause took since start.",
-                     "generation", dict(zip(gens, st.cpu_max_s, strict=True))),
+            *pauses("podterm_gc_pause_seconds",
+                    "Garbage-collection pauses (gc.callbacks), by generation.",
+                    st.buckets, st.sum_s, st.max_s,
+                    "The longest garbage-collection pause since start, by generation."),
+            *pauses("podterm_gc_pause_cpu_seconds",
+                    "CPU time of the collecting thread in each garbage-collection pause, "
+                    "by generation (less than the pause: the OS ran something else).",
+                    st.cpu_buckets, st.cpu_sum_s, st.cpu_max_s,
+                    "The most CPU time one garbage-collection pause took since start."),
             labelled("podterm_gc_profile_info", "gauge", "The GC profile in force (value 1).",
                      "profile", {self.profile.name: 1}),
         ]

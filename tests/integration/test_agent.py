@@ -14,6 +14,7 @@ subprocess test ``tests/e2e/test_ha_failover.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -623,41 +624,57 @@ async def test_mutual_tls_agent(make_gateway: GatewayFactory, tmp_path: Path) ->
 # --- echo mode ----------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def echo_session(gateway: GatewayUnderTest, tokens: Tokens, *,
+                       options: AgentOptions = FAST) -> AsyncIterator[tuple[Agent, str, Any]]:
+    """An echo agent, a tty session on it and an attached client past its hello.
+
+    Yields ``(agent, session id, client)``; the client is closed and the
+    session deleted on the way out.
+    """
+    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True,
+                             options=options) as agent:
+        await agent.wait_registered()
+        created = await create(gateway, None, tty=True)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        yield agent, created["id"], client
+        await client.aclose()
+        await delete(gateway, created["id"])
+
+
+async def type_within_window(client: Any, payload: bytes, *, sent_before: int,
+                             chunk: int = 16384) -> None:
+    """Send ``payload`` as a client must (docs/protocol.md §6): at most one window
+    of input beyond the server's input ACK, so our ACKs never queue behind
+    input the gateway cannot take yet."""
+    window = (await client.wait_hello()).window
+    for i in range(0, len(payload), chunk):
+        await wait_until(lambda i=i: sent_before + i + chunk
+                         - max(client.in_acks, default=0) <= window)
+        await client.send_stdin(payload[i:i + chunk])
+
+
 async def test_echo_mode_echoes_through_the_full_path(gateway: GatewayUnderTest,
                                                       tokens: Tokens) -> None:
-    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True) as agent:
-        with trio.fail_after(WAIT_S * 2):
-            await agent.wait_registered()
-            created = await create(gateway, None, tty=True)
-            client = await gateway.attach(created["id"])
-            await client.wait_hello()
+    with trio.fail_after(WAIT_S * 2):
+        async with echo_session(gateway, tokens) as (agent, session_id, client):
             await client.send_stdin(b"k")
             await client.wait_output(b"k")
             # 2 MiB, several windows of both directions' credit: exact and in order.
             payload = bytes(range(256)) * 8192
-            window = (await client.wait_hello()).window
             async with trio.open_nursery() as nursery:
-                async def type_it() -> None:
-                    # As a client must (docs/protocol.md §6): at most one window
-                    # of input beyond the server's input ACK, so our ACKs never
-                    # queue behind input the gateway cannot take yet.
-                    for i in range(0, len(payload), 16384):
-                        await wait_until(lambda i=i: 1 + i + 16384 - max(client.in_acks, default=0)
-                                         <= window)
-                        await client.send_stdin(payload[i:i + 16384])
-
-                nursery.start_soon(type_it)
+                nursery.start_soon(functools.partial(type_within_window, client, payload,
+                                                     sent_before=1))
                 await client.wait_for(lambda c: len(c.output) >= 1 + len(payload))
             assert bytes(client.output) == b"k" + payload
             [stream] = agent.stream_statistics()
             assert stream.kind == "echo" and stream.pid is None
             assert stream.out_offset == 1 + len(payload)
-            got = await gateway.rest("GET", f"/api/v1/sessions/{created['id']}")
+            got = await gateway.rest("GET", f"/api/v1/sessions/{session_id}")
             assert got.json["in_offset"] == 1 + len(payload)
             assert got.json["out_offset"] == 1 + len(payload)
-            await client.aclose()
-            await delete(gateway, created["id"])
-            await wait_until(lambda: not agent.streams)
+        await wait_until(lambda: not agent.streams)
 
 
 async def test_the_agent_acks_input_with_its_echo_not_on_its_timer(gateway: GatewayUnderTest,
@@ -665,31 +682,20 @@ async def test_the_agent_acks_input_with_its_echo_not_on_its_timer(gateway: Gate
     # An ACK timer far longer than the test: every input ACK the client gets
     # in time rode with the echo of the key it acknowledges.
     slow_acks = dataclasses.replace(FAST, ack_interval_s=60.0)
-    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True,
-                             options=slow_acks) as agent:
-        with trio.fail_after(WAIT_S * 2):
-            await agent.wait_registered()
-            created = await create(gateway, None, tty=True)
-            client = await gateway.attach(created["id"])
-            await client.wait_hello()
+    with trio.fail_after(WAIT_S * 2):
+        async with echo_session(gateway, tokens, options=slow_acks) as (_agent, _sid, client):
             for i, key in enumerate(b"abcdef", start=1):
                 await client.send_stdin(bytes([key]))
                 await client.wait_for(lambda c, i=i: len(c.output) >= i
                                       and max(c.in_acks, default=0) >= i)
             assert bytes(client.output) == b"abcdef"
-            await client.aclose()
-            await delete(gateway, created["id"])
 
 
 async def test_an_idle_agent_session_runs_no_output_pump(gateway: GatewayUnderTest,
                                                          tokens: Tokens) -> None:
-    async with running_agent(gateway.url, token_file=str(tokens.agent), echo=True) as agent:
-        with trio.fail_after(WAIT_S * 2):
-            await agent.wait_registered()
-            created = await create(gateway, None, tty=True)
-            session = gateway.registry.get(created["id"])
-            client = await gateway.attach(created["id"])
-            await client.wait_hello()
+    with trio.fail_after(WAIT_S * 2):
+        async with echo_session(gateway, tokens) as (agent, session_id, client):
+            session = gateway.registry.get(session_id)
             typed = b""
             for round_ in range(3):
                 # Idle: the session's nursery holds no task (its output pump
@@ -704,20 +710,13 @@ async def test_an_idle_agent_session_runs_no_output_pump(gateway: GatewayUnderTe
             window = (await client.wait_hello()).window
             payload = bytes(range(256)) * (2 * window // 256)
             async with trio.open_nursery() as nursery:
-                async def type_it() -> None:
-                    for i in range(0, len(payload), 8192):
-                        await wait_until(lambda i=i: len(typed) + i + 8192
-                                         - max(client.in_acks, default=0) <= window)
-                        await client.send_stdin(payload[i:i + 8192])
-
-                nursery.start_soon(type_it)
+                nursery.start_soon(functools.partial(type_within_window, client, payload,
+                                                     sent_before=len(typed), chunk=8192))
                 await client.wait_for(lambda c: len(c.output) >= len(typed) + len(payload))
             assert bytes(client.output) == typed + payload
             await wait_until(lambda: not session._nursery.child_tasks)
-            await client.aclose()
-            await delete(gateway, created["id"])
-            await wait_until(lambda: not agent.streams)
-            assert session.end_reason is not None
+        await wait_until(lambda: not agent.streams)
+        assert session.end_reason is not None
 
 
 async def test_echo_agent_resumes_across_a_cut(gateway: GatewayUnderTest,

@@ -26,7 +26,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import trio
 
@@ -103,18 +103,30 @@ class AckTimer:
                 att.ack_overdue_now()
 
 
+class _Timer(Protocol):
+    async def run(self) -> None: ...
+
+
+_T = TypeVar("_T", bound=_Timer)
+
+
+def _run_timer(var: trio.lowlevel.RunVar[_T], make: Callable[[], _T], name: str) -> _T:
+    """This trio run's timer held in ``var``, made and started (a system task) on first use."""
+    try:
+        return var.get()
+    except LookupError:
+        timer = make()
+        var.set(timer)
+        trio.lowlevel.spawn_system_task(timer.run, name=name)
+        return timer
+
+
 _ACK_TIMER: trio.lowlevel.RunVar[AckTimer] = trio.lowlevel.RunVar("podterm_ack_timer")
 
 
 def ack_timer() -> AckTimer:
     """This trio run's :class:`AckTimer`, started on first use."""
-    try:
-        return _ACK_TIMER.get()
-    except LookupError:
-        timer = AckTimer()
-        _ACK_TIMER.set(timer)
-        trio.lowlevel.spawn_system_task(timer.run, name="podterm.ack_timer")
-        return timer
+    return _run_timer(_ACK_TIMER, AckTimer, "podterm.ack_timer")
 
 
 class HeartbeatTimer:
@@ -182,13 +194,7 @@ _HEARTBEAT_TIMER: trio.lowlevel.RunVar[HeartbeatTimer] = trio.lowlevel.RunVar(
 
 def heartbeat_timer() -> HeartbeatTimer:
     """This trio run's :class:`HeartbeatTimer`, started on first use."""
-    try:
-        return _HEARTBEAT_TIMER.get()
-    except LookupError:
-        timer = HeartbeatTimer()
-        _HEARTBEAT_TIMER.set(timer)
-        trio.lowlevel.spawn_system_task(timer.run, name="podterm.heartbeat_timer")
-        return timer
+    return _run_timer(_HEARTBEAT_TIMER, HeartbeatTimer, "podterm.heartbeat_timer")
 
 
 #: What the sender still has to send, in order, before any output: ``hello``,
