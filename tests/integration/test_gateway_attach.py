@@ -7,7 +7,8 @@ against a real gateway whose sessions run real processes on the local upstream.
 from __future__ import annotations
 
 import subprocess
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -402,3 +403,65 @@ async def test_input_with_no_output_is_acked_alone_after_the_deferral(
         assert client.output == b""  # nothing came back to carry them
         await client.aclose()
         await _finish(gateway, created["id"])
+
+
+def _sender_tasks() -> int:
+    """Tasks of this trio run inside a link's ``_Link.send_loop`` now (parked or not)."""
+    count = 0
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        coro: Any = task.coro
+        while coro is not None:
+            code = getattr(coro, "cr_code", None)
+            if code is not None and code.co_name == "send_loop":
+                count += 1
+                break
+            coro = getattr(coro, "cr_await", None)
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
+        make_gateway: GatewayFactory) -> None:
+    limits = SessionLimits(heartbeat_interval_s=0.2)
+    gateway = await make_gateway(session_limits=limits)
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        att = gateway.registry.get(created["id"]).writer
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:  # one reader: it answers every PING
+                while await client.pump():
+                    pass
+
+            nursery.start_soon(read)
+            typed = b""
+            for key in (b"a", b"b", b"c"):
+                await _wait_until(lambda: _sender_tasks() == 0)  # idle: no sender task
+                typed += key
+                await client.send_stdin(key)
+                await _wait_until(lambda t=typed: bytes(client.output) == t)
+            # Heartbeats: the process's timer starts the sender for each PING,
+            # and the sender queues the next deadline; the client answers, so
+            # the link lives on through many intervals with no task of its own
+            # in between.
+            seen: set[float] = set()
+            while len(seen) < 4:
+                if att.heartbeat_at is not None:
+                    seen.add(att.heartbeat_at)
+                await trio.sleep(0.05)
+            await _wait_until(lambda: _sender_tasks() == 0)
+            assert gateway.gw.counters.snapshot().heartbeat_failures == 0
+            assert gateway.registry.get(created["id"]).writer is att  # still attached
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        await _finish(gateway, created["id"])
+
+
+async def _wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition no event announces (the caller bounds the wait)."""
+    while not predicate():
+        await trio.sleep(0.01)

@@ -9,8 +9,11 @@ conflict, 1008 ``bad_offset``, 4410 session ended.
 
 The relay
 ---------
-Each attached link runs exactly two tasks, one per direction, for its whole
-life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules"):
+Each attached link has one task per direction, and no task, channel or lock
+per message (ARCHITECTURE.md "Data plane rules").  The receiver is the
+connection's own task, for the link's whole life; the sender runs only while
+something is due, and an idle link has none (``Attachment.starter``: the
+first wake-up after it returned starts it again):
 
 * the **receiver** reads a batch (every message of one socket read), decodes
   each with :class:`~podterm.protocol.session_proto.ServerCodec` and applies
@@ -18,12 +21,14 @@ life — no task, channel or lock per message (ARCHITECTURE.md "Data plane rules
   is full: back-pressure on the socket), ``stdin_eof`` as the input's end
   (:meth:`~podterm.session.session.Session.close_input_at`), ACK as credit,
   RESIZE, ``detach``;
-* the **sender** parks until the session or the receiver wakes it, then sends
-  *everything* due in one write: queued notices (``hello``, ``gap``,
+* the **sender**, started when the session, the receiver or a timer wakes
+  the link, sends *everything* due in one write: queued notices (``hello``, ``gap``,
   ``drain``, ``error``), the input ACK, output up to the link's credit (STDOUT
   and STDERR in messages of at most 32 KiB), EXIT after the last byte, and the
-  heartbeat PING when one is due.  Heartbeats live here too: two unanswered
-  PINGs, or a write that cannot complete in that time, mark the link dead.
+  heartbeat PING when one is due, and ends when nothing more is (the
+  process's ``HeartbeatTimer`` wakes the link for its next PING).  Two
+  unanswered PINGs, or a write that cannot complete in that time, mark the
+  link dead.
 
 Hot path (issue 9): a keystroke is written to the upstream by the receiver
 itself when nothing is queued before it (``LocalStream.send_stdin_nowait``);
@@ -32,8 +37,8 @@ process's one ``AckTimer`` wakes the sender if none came; no deadline moves
 per keystroke); and
 output that arrives while the sender is parked is sent by the output pump's
 own task (:meth:`_Link.flush_output`: one non-blocking write of the ACK and
-the output; the sender is woken only for what that write could not take, or
-when anything else is due).  So an echo costs two task steps, as in a raw
+the output; the sender is started only for what that write could not take,
+or when anything else is due).  So an echo costs two task steps, as in a raw
 relay.  Output messages of 1 KiB and more are laid out as frame headers and
 read-only views of the ring's segments (a bulk read is one segment, as the
 upstream returned it), and a batch goes to the socket in one ``writev``: no
@@ -239,15 +244,23 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     link = _Link(ws, att, counters, auditor)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.receive_loop)
-            await link.send_loop()
-            nursery.cancel_scope.cancel()
+            # The sender runs only while something is due (att.starter);
+            # this task is the receiver.
+            att.starter = functools.partial(nursery.start_soon, link.run_sender)
+            att.parked = True
+            att.wake()  # the hello (and whatever else is queued)
+            await link.receive_loop()
+            # The receiver stopped (the peer left or is closing, a violation,
+            # a detach): the sender finishes (CLOSE, EXIT) and ends the link.
+            att.wake()
+            await link.sender_done.wait()
     except Exception:
         log.exception("session.attach.failed %s", session.id)
         with trio.CancelScope(shield=True):
             await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
     finally:
         att.flush = None
+        att.starter = None
         session.detach(att)
         # Idempotent: after a close handshake this only makes sure the
         # stream is closed; after a lost connection it closes the socket.
@@ -256,10 +269,10 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
 
 
 class _Link:
-    """The two tasks of one attached connection (see the module docstring)."""
+    """The two directions of one attached connection (see the module docstring)."""
 
     __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
-                 "auditor")
+                 "auditor", "sender_done")
 
     def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
                  auditor: Auditor | None = None) -> None:
@@ -275,6 +288,7 @@ class _Link:
         ws.heartbeat = self.hb  # the reader hands PONGs to it
         self.rx_scope = trio.CancelScope()
         self.rx_done = trio.Event()
+        self.sender_done = trio.Event()  # set once the sender has ended the link
         att.flush = self.flush_output
 
     # -------------------------------------------------------------- receiver
@@ -340,8 +354,32 @@ class _Link:
 
     # ---------------------------------------------------------------- sender
 
-    async def send_loop(self) -> None:
-        """Send whatever is due, one write per batch, until the link closes."""
+    async def run_sender(self) -> None:
+        """The sender task: runs :meth:`send_loop` until nothing is due or the link ended.
+
+        Started by :meth:`Attachment.wake` (``att.starter``) when the
+        attachment is parked, so an idle link has no sender task at all.
+        """
+        try:
+            ended = await self.send_loop()
+        except BaseException:
+            self._ended()
+            raise
+        if ended:
+            self._ended()
+
+    def _ended(self) -> None:
+        self.att.starter = None  # never started again
+        self.att.parked = False
+        self.sender_done.set()
+        self.rx_scope.cancel()  # (the receiver may still be reading: stop it)
+
+    async def send_loop(self) -> bool:
+        """Send whatever is due, one write per batch; True once the link is over.
+
+        Returns False, with the attachment :attr:`~Attachment.parked`, when
+        nothing is due: the next :meth:`Attachment.wake` starts it again.
+        """
         ws = self.ws
         att = self.att
         session = self.session
@@ -355,10 +393,10 @@ class _Link:
         ack_urgent = limits.window_bytes // 4
         while True:
             if att.gone:
-                return
+                return True
             if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
                 await self.rx_done.wait()  # violation, the peer's CLOSE): nothing more to send
-                return
+                return True
             parts: list[Buffer] = []
             # 1. notices: hello, gap, drain, error.
             if att.notices:
@@ -404,7 +442,7 @@ class _Link:
                     log.info("session.link.dead %s: no pong to %d pings", session.id,
                              hb.max_missed)
                     await ws.abort(CloseCode.INTERNAL_ERROR, "heartbeat lost")
-                    return
+                    return True
                 if ping is not None:
                     parts.append(ws.conn.send_ping(ping))
             if parts or ws.has_pending_out:
@@ -414,24 +452,21 @@ class _Link:
                     done = await ws.send_batch(parts, stall_s)
                 except ConnectionClosed:
                     att.mark_gone()
-                    return
+                    return True
                 if not done:
                     counters.heartbeat_failures += 1
                     log.info("session.link.dead %s: peer stopped reading", session.id)
                     await ws.abort(CloseCode.INTERNAL_ERROR, "peer stopped reading")
-                    return
+                    return True
                 continue  # more may be due (output beyond one batch)
             if att.close is not None:
                 await self._close(*att.close)
-                return
-            # Nothing to send: park until woken (output, a notice, a deferred
-            # ACK's turn: AckTimer, the next PING's: HeartbeatTimer).
+                return True
+            # Nothing to send: the task ends until woken (output, a notice, a
+            # deferred ACK's turn: AckTimer, the next PING's: HeartbeatTimer).
             heartbeat_timer().schedule(att, hb.deadline)
             att.parked = True
-            try:
-                await att.wait_woken()
-            finally:
-                att.parked = False
+            return False
 
     def flush_output(self) -> bool:
         """Send new output from the session's task while the sender is parked.

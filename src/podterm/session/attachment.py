@@ -228,7 +228,7 @@ class Attachment:
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
                  "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
-                 "ack_queued", "ack_overdue", "heartbeat_at", "_lot")
+                 "ack_queued", "ack_overdue", "heartbeat_at", "starter", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -254,7 +254,10 @@ class Attachment:
         self.ack_overdue = False
         #: When the :class:`HeartbeatTimer` wakes the sender next (None: not queued).
         self.heartbeat_at: float | None = None
-        self._lot = trio.lowlevel.ParkingLot()
+        #: The relay's way to start its sender again (see :meth:`wake`); None
+        #: for a relay whose sender stays and parks in :meth:`wait_woken`.
+        self.starter: Callable[[], None] | None = None
+        self._lot: trio.lowlevel.ParkingLot | None = None  # wait_woken's, made on first use
 
     def __repr__(self) -> str:
         state = "gone" if self.gone else ("closing" if self.close else "open")
@@ -267,8 +270,21 @@ class Attachment:
         return self.mode is Mode.RW
 
     def wake(self) -> None:
-        """Wake the sender: there may be output, credit, a notice or a close."""
-        self._lot.unpark_all()
+        """Wake the sender: there may be output, credit, a notice or a close.
+
+        A relay with a :attr:`starter` has no sender task while it is
+        :attr:`parked` (it returned with nothing to send): waking starts one,
+        once.  Otherwise the sender parked in :meth:`wait_woken` is unparked.
+        """
+        starter = self.starter
+        if starter is not None:
+            if self.parked:
+                self.parked = False
+                starter()
+            return
+        lot = self._lot
+        if lot is not None:
+            lot.unpark_all()
 
     def output_ready(self) -> None:
         """New output is in the ring: send it now, or wake the sender.
@@ -279,7 +295,7 @@ class Attachment:
         """
         flush = self.flush
         if flush is None or not self.parked or not flush():
-            self._lot.unpark_all()
+            self.wake()
 
     def input_written(self, unacked: int) -> None:
         """Input was written upstream: an input ACK is due, ``unacked`` bytes' worth.
@@ -292,7 +308,7 @@ class Attachment:
         sees the ACK due on its next turn.
         """
         if unacked >= self.session.limits.window_bytes // 4:
-            self._lot.unpark_all()
+            self.wake()
             return
         if self.parked and not self.ack_queued:
             ack_timer().schedule(self)
@@ -303,20 +319,22 @@ class Attachment:
         if (not self.gone and self is session.writer
                 and session.in_written > self.in_ack_sent):
             self.ack_overdue = True
-            self._lot.unpark_all()
+            self.wake()
 
     def heartbeat_due(self) -> None:
         """:class:`HeartbeatTimer`: the link's heartbeat deadline came; wake the sender."""
-        self._lot.unpark_all()
+        self.wake()
 
     async def wait_woken(self) -> None:
         """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
         await self._lot.park()
 
     def notify(self, notice: Notice) -> None:
         """Queue a control message for the sender and wake it."""
         self.notices.append(notice)
-        self._lot.unpark_all()
+        self.wake()
 
     def request_close(self, code: int, reason: str, error: ErrorMsg | None = None) -> None:
         """Ask the sender to close the link with ``code`` (first request wins).
@@ -327,9 +345,9 @@ class Attachment:
             if error is not None:
                 self.notices.append(error)
             self.close = (code, reason)
-        self._lot.unpark_all()
+        self.wake()
 
     def mark_gone(self) -> None:
         """The connection is lost: the sender stops at once."""
         self.gone = True
-        self._lot.unpark_all()
+        self.wake()
