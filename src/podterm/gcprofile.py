@@ -21,10 +21,11 @@ allocations are done, by :meth:`GcController.run`):
     longer; full collections stay automatic.
 ``low-latency``
     ``gc.freeze()`` after start-up as well; automatic full collections are
-    off (threshold 2 out of reach) and young thresholds are small, so every
-    automatic collection walks at most a few thousand young objects.  The
-    old generation is collected by :class:`OldGenerationCollector`, a trio
-    task, instead:
+    off (threshold 2 out of reach) and the young thresholds (10,000 / 2,
+    see :data:`PROFILES`) make young collections rare while sessions relay
+    keystrokes, each walking the young objects still alive.  The old
+    generation is handled by :class:`OldGenerationCollector`, a trio task,
+    instead:
 
     * *promoted* steps: once young collections have promoted objects into
       the old generation, it runs ``gc.collect(2)`` and then ``gc.freeze()``
@@ -409,8 +410,10 @@ class CollectorStatistics:
     last_deep_s: float
 
 
-#: The first estimate of a step's pause per promotion: ~3,500 objects (the
-#: young thresholds) at ~1 µs each, which is what a loaded 2-core box gave.
+#: The first estimate of a step's pause per pending generation-1 collection:
+#: ~3,500 objects at ~1 µs each (a loaded 2-core box).  Above ``max_step_s``
+#: from the first promotion on, so until an idle step has measured the real
+#: cost, a step forced under load only freezes (no pause).
 _FIRST_S_PER_PROMOTION = 0.0035
 
 
