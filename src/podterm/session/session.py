@@ -413,15 +413,17 @@ class Session:
         self._stdin_dead = False
         self._input_closed = False  # close_input(): EOF once the buffer is written
         self._input_eof_at: int | None = None  # close_input_at(): EOF once input reaches it
-        self._credit_lot = trio.lowlevel.ParkingLot()  # the output pump waits for credit
+        # Parking lots are made by their first waiter (_lot): most sessions
+        # never wait on one, and each costs ~250 bytes.
+        self._credit_lot: trio.lowlevel.ParkingLot | None = None  # the output pump: credit
         # The input pump runs only while input waits for the upstream (or its
         # EOF is due): an idle session costs no task for it (_wake_input).
         self._in_pumping = False
-        self._space_lot = trio.lowlevel.ParkingLot()  # the writer's link waits for buffer space
+        self._space_lot: trio.lowlevel.ParkingLot | None = None  # the writer: buffer space
         # One lot for every rare status change (EOF, EXIT delivered, exited,
         # closed): waiters re-check their condition.  Cheaper per idle session
         # than an Event per condition.
-        self._status_lot = trio.lowlevel.ParkingLot()
+        self._status_lot: trio.lowlevel.ParkingLot | None = None
         self._eof = False
         self._throttled = False  # the output pump waits for the writer's ACKs
         self._delivered = False
@@ -602,7 +604,6 @@ class Session:
         ring = self.ring
         window = self.limits.window_bytes
         read_bytes = self.limits.read_bytes
-        park = self._credit_lot.park
         recorder = self.recorder
         set_sink: Callable[[Callable[[int, bytes], bool] | None], None] | None = getattr(
             stream, "set_output_sink", None)
@@ -649,14 +650,16 @@ class Session:
                     # Flow control: the writer has a full window unacknowledged
                     # (attached or not).  The process blocks on its terminal.
                     self._throttled = True
-                    self._status_lot.unpark_all()  # the exit drain must know
-                    await park()
+                    _unpark(self._status_lot)  # the exit drain must know
+                    if self._credit_lot is None:
+                        self._credit_lot = trio.lowlevel.ParkingLot()
+                    await self._credit_lot.park()
                     if stream is not self._stream:
                         break  # replaced by a restored stream (defensive: never while reading)
                     continue
                 if self._throttled:
                     self._throttled = False
-                    self._status_lot.unpark_all()
+                    _unpark(self._status_lot)
                 if (park_reader is not None and self._catch_up_to is None
                         and park_reader(self._restart_pump)):
                     handed_over = True  # the stream pushes, or calls us back
@@ -680,7 +683,7 @@ class Session:
                 if stream is self._stream:
                     self._eof = True
                 self._out_pumping = False
-                self._status_lot.unpark_all()
+                _unpark(self._status_lot)
                 self._wake_links()
 
     def _restart_pump(self) -> None:
@@ -695,11 +698,11 @@ class Session:
         # The session is over: nobody reads the stream any more.
         self._eof = True
         self._out_pumping = False
-        self._status_lot.unpark_all()
+        _unpark(self._status_lot)
 
     def _caught_up(self) -> None:
         self._catch_up_to = None
-        self._status_lot.unpark_all()
+        _unpark(self._status_lot)
 
     @property
     def catching_up(self) -> bool:
@@ -755,7 +758,7 @@ class Session:
         attachment.acked = offset
         if attachment is self.writer and offset > self.writer_acked:
             self.writer_acked = offset
-            self._credit_lot.unpark_all()
+            _unpark(self._credit_lot)
             if self._watch is not None:
                 self._watch(self, False)
         if self.ring.end > attachment.sent:
@@ -794,6 +797,8 @@ class Session:
                 return
             space = limit - self._in_pending
             if space <= 0:
+                if self._space_lot is None:
+                    self._space_lot = trio.lowlevel.ParkingLot()
                 await self._space_lot.park()
                 continue
             piece = data if len(data) <= space else data[:space]
@@ -822,7 +827,7 @@ class Session:
                 attachment.input_written(self.in_written - attachment.in_ack_sent)
             if self._lost is not None and not self._restore_wanted:
                 self._restore_wanted = True  # "on the user's next input": restore now
-                self._status_lot.unpark_all()
+                _unpark(self._status_lot)
             self._counters.bytes_in += len(piece)
             if self._watch is not None:
                 self._watch(self, False)
@@ -889,14 +894,14 @@ class Session:
                 self._in_sent = self._in_floor = self.in_offset
                 chunks.clear()
                 self._in_pending = 0
-                self._space_lot.unpark_all()
+                _unpark(self._space_lot)
                 if self.writer is not None:
                     self.writer.wake()
                 return
             chunks.popleft()
             self._in_pending -= len(piece)
             self._in_sent += len(piece)
-            self._space_lot.unpark_all()
+            _unpark(self._space_lot)
             writer = self.writer
             if writer is not None:
                 writer.input_written(self.in_written - writer.in_ack_sent)  # an ACK is due
@@ -1032,9 +1037,9 @@ class Session:
             if offset > self.writer_acked:
                 # The client has seen everything before ``offset``.
                 self.writer_acked = offset
-                self._credit_lot.unpark_all()
+                _unpark(self._credit_lot)
             self._retime()
-            self._status_lot.unpark_all()  # wait_state(RUNNING)
+            _unpark(self._status_lot)  # wait_state(RUNNING)
             if self._watch is not None:
                 self._watch(self, True)  # a new resume token, and maybe a new state
         else:
@@ -1074,7 +1079,7 @@ class Session:
             notices.append(f"the connection to the pod was lost; a new shell starts {where}now")
             if mode is Mode.RW and not self._restore_wanted:
                 self._restore_wanted = True  # "on the next attach": restore now
-                self._status_lot.unpark_all()
+                _unpark(self._status_lot)
         return tuple(notices)
 
     def detach(self, attachment: Attachment) -> None:
@@ -1083,8 +1088,8 @@ class Session:
             self.writer = None
             self._detached_since = trio.current_time()
             self._retime()
-            self._space_lot.unpark_all()
-            self._status_lot.unpark_all()  # wait_state(DETACHED)
+            _unpark(self._space_lot)
+            _unpark(self._status_lot)  # wait_state(DETACHED)
             if self._watch is not None:
                 self._watch(self, True)  # detached
         else:
@@ -1100,7 +1105,7 @@ class Session:
         """The writer received EXIT (it answered the CLOSE that followed): the session may end."""
         if attachment.mode is Mode.RW and self.is_exited:
             self._delivered = True
-            self._status_lot.unpark_all()
+            _unpark(self._status_lot)
 
     def drain(self, reason: str) -> None:
         """Tell every attached client to reconnect elsewhere (docs/protocol.md §4 ``drain``)."""
@@ -1138,6 +1143,8 @@ class Session:
     async def _wait_status(self, condition: Callable[[], bool]) -> None:
         await trio.lowlevel.checkpoint()
         while not condition():
+            if self._status_lot is None:
+                self._status_lot = trio.lowlevel.ParkingLot()
             await self._status_lot.park()
 
     def _deadline(self) -> float:
@@ -1244,7 +1251,7 @@ class Session:
         if self._watch is not None:
             self._watch(self, True)  # exited
         log.debug("session.exited %s: %s", self.id, self.exit_status.reason)
-        self._status_lot.unpark_all()
+        _unpark(self._status_lot)
         self._wake_links()  # EXIT goes out after the last byte
         reason = await self._wait_timed(lambda: self._wait_status(lambda: self._delivered))
         return reason if reason is not None else "exited"
@@ -1303,8 +1310,8 @@ class Session:
                         att.request_close(1001, "session moved: reconnect and resume")
                 else:
                     att.request_close(4410, f"session ended ({reason})")
-            self._space_lot.unpark_all()
-            self._status_lot.unpark_all()
+            _unpark(self._space_lot)
+            _unpark(self._status_lot)
             if self._observer is not None:
                 self._observer.ended(self)
             for callback in self._on_closed:
@@ -1342,7 +1349,7 @@ class Session:
             self._in_chunks.clear()
         self._in_pending = 0
         self._in_sent = self._in_floor = self.in_offset
-        self._space_lot.unpark_all()
+        _unpark(self._space_lot)
         if self.writer is not None:
             self.writer.wake()
 
@@ -1383,7 +1390,7 @@ class Session:
         where = _where(context)
         await self._notice_output(f"the connection to the pod was lost; press a key to "
                                   f"start a new shell {where}")
-        self._status_lot.unpark_all()  # waiters on state (nothing ended)
+        _unpark(self._status_lot)  # waiters on state (nothing ended)
         # 2. Wait for the writer's next input or attach (or a timer, a kill).
         if self._in_pending:
             self._restore_wanted = True  # input was waiting already
@@ -1433,7 +1440,7 @@ class Session:
         self._out_pumping = True
         nursery.start_soon(self._pump_output)
         self._wake_input()  # what the lost shell did not get goes to the new one
-        self._credit_lot.unpark_all()
+        _unpark(self._credit_lot)
         return None
 
     def watch(self, callback: Callable[[Session, bool], None]) -> None:
@@ -1449,6 +1456,12 @@ class Session:
     def on_closed(self, callback: Callable[[Session], None]) -> None:
         """Call ``callback(session)`` once the session has ended (the registry's hook)."""
         self._on_closed.append(callback)
+
+
+def _unpark(lot: trio.lowlevel.ParkingLot | None) -> None:
+    """Wake every waiter of a lot made on first use (none yet: nobody to wake)."""
+    if lot is not None:
+        lot.unpark_all()
 
 
 def _upstream_error(exc: Exception) -> UpstreamError | None:
