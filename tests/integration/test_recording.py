@@ -21,6 +21,7 @@ from podterm.cli import main as cli_main
 from podterm.recording import (
     CastFormatError,
     Event,
+    Recorder,
     RecordingFailed,
     RecordingWriter,
     parse,
@@ -200,6 +201,18 @@ async def test_a_full_disk_mid_session_closes_the_session(tmp_path: Path) -> Non
     check_file(tmp_path / "s-other.cast")
 
 
+async def _stuck_writer(nursery: trio.Nursery, writer: RecordingWriter,
+                        clock: FakeClock) -> Recorder:
+    """Run ``writer``, open session ``s-1``'s recorder, then hold the writer's
+    only slot (the test releases ``writer.batcher.limiter``); the clock at 1 s."""
+    await run_writer(nursery, writer)
+    recorder = await writer.open_recorder("s-1", 80, 24)
+    await writer.wait_flushed()
+    await writer.batcher.limiter.acquire()  # the writer is stuck
+    clock.now += 1
+    return recorder
+
+
 @pytest.mark.trio
 async def test_a_blocked_writer_applies_backpressure_and_coalesces_resizes(
         tmp_path: Path) -> None:
@@ -209,11 +222,7 @@ async def test_a_blocked_writer_applies_backpressure_and_coalesces_resizes(
     done: list[str] = []
     c_submitted = trio.Event()
     async with trio.open_nursery() as nursery:
-        await run_writer(nursery, writer)
-        recorder = await writer.open_recorder("s-1", 80, 24)
-        await writer.wait_flushed()
-        await writer.batcher.limiter.acquire()  # the writer is stuck
-        clock.now += 1
+        recorder = await _stuck_writer(nursery, writer, clock)
         await recorder.output(b"a" * 150)  # 250 with overhead
         writer.check_accepting()
         clock.now += 1
@@ -253,11 +262,7 @@ async def test_output_nowait_records_only_when_there_is_room(tmp_path: Path) -> 
     clock = FakeClock()
     writer = RecordingWriter(tmp_path, clock=clock, capacity_bytes=400, flush_interval_s=0)
     async with trio.open_nursery() as nursery:
-        await run_writer(nursery, writer)
-        recorder = await writer.open_recorder("s-1", 80, 24)
-        await writer.wait_flushed()
-        await writer.batcher.limiter.acquire()  # the writer is stuck
-        clock.now += 1
+        recorder = await _stuck_writer(nursery, writer, clock)
         assert recorder.output_nowait(b"a" * 150)  # 250 with overhead: fits
         assert recorder.output_nowait(b"")  # nothing to record
         clock.now += 1

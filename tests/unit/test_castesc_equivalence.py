@@ -27,17 +27,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers.native import REQUIRED, native_or_skip
 
 from podterm.recording import castesc
 
-REQUIRED = os.environ.get("PODTERM_NATIVE") == "require" or bool(os.environ.get("CI"))
-
-try:
-    NATIVE = castesc.load("native")
-except ImportError as exc:  # pragma: no cover - only without a compiler
-    if REQUIRED:
-        raise
-    pytest.skip(f"native escaper not built: {exc}", allow_module_level=True)
+NATIVE = native_or_skip(castesc.load, "native escaper")
 PYTHON = castesc.load("python")
 SCRATCH_KEEP_BYTES: int = importlib.import_module("podterm._native.castesc").SCRATCH_KEEP_BYTES
 

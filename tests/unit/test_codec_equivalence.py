@@ -29,19 +29,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from tests.helpers.native import native_or_skip
 
 from podterm.errors import ProtocolViolation
 from podterm.protocol import codec
 from podterm.protocol.frame import encode_close_payload, is_valid_close_code
 
-REQUIRED = os.environ.get("PODTERM_NATIVE") == "require" or bool(os.environ.get("CI"))
-
-try:
-    NATIVE = codec.load("native")
-except ImportError as exc:  # pragma: no cover - only without a compiler
-    if REQUIRED:
-        raise
-    pytest.skip(f"native codec not built: {exc}", allow_module_level=True)
+NATIVE = native_or_skip(codec.load, "native codec")
 PYTHON = codec.load("python")
 
 STREAM_EXAMPLES = 10_000  # the Done-when of issue 2
