@@ -360,15 +360,24 @@ if _tracemalloc_path:
         # SIGUSR2 starts tracing allocations; the next one writes the live
         # allocations made since, grouped by line, and stops.
         if not tracemalloc.is_tracing():
-            tracemalloc.start(1)
+            tracemalloc.start(6)
             return
         snap = tracemalloc.take_snapshot()
         tracemalloc.stop()
         stats = snap.statistics("lineno")
-        top = [(str(st.traceback[0]), st.size, st.count) for st in stats[:40]]
+        top = [(str(st.traceback[0]), st.size, st.count) for st in stats[:60]]
         total = sum(st.size for st in stats)
+        # The same allocations charged to the innermost podterm line that led
+        # to them (trio's cancel scopes and tasks land on the line that made them).
+        ours = {}
+        for st in snap.statistics("traceback"):
+            where = next((str(fr) for fr in reversed(st.traceback) if "/podterm/" in fr.filename),
+                         str(st.traceback[-1]))
+            size, count = ours.get(where, (0, 0))
+            ours[where] = (size + st.size, count + st.count)
+        by_ours = sorted(((w, s, n) for w, (s, n) in ours.items()), key=lambda r: -r[1])[:60]
         with open(_tracemalloc_path + ".tmp", "w") as f:
-            json.dump({"total": total, "top": top}, f)
+            json.dump({"total": total, "top": top, "ours": by_ours}, f)
         os.replace(_tracemalloc_path + ".tmp", _tracemalloc_path)
 
     signal.signal(signal.SIGUSR2, _trace)

@@ -455,7 +455,9 @@ def read_tracemalloc(gw: C.GatewayProcess, env: dict[str, str], sessions: int
     return {"sessions": sessions, "total_bytes": doc["total"],
             "bytes_per_session": doc["total"] / per,
             "top": [{"where": w, "bytes_per_session": size / per, "objects_per_session": n / per}
-                    for w, size, n in doc["top"]]}
+                    for w, size, n in doc["top"]],
+            "ours": [{"where": w, "bytes_per_session": size / per, "objects_per_session": n / per}
+                     for w, size, n in doc.get("ours", [])]}
 
 
 def open_fds(pid: int) -> int:
@@ -720,6 +722,12 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
                  f"opened after the baseline): {C.fmt_bytes(tm['bytes_per_session'])} per session "
                  "in all\n\n" + C.table(["allocated at", "bytes/session", "blocks/session"],
                                           rows, "lrr"))
+        if tm.get("ours"):
+            rows = [[t["where"], C.fmt_num(t["bytes_per_session"]),
+                     C.fmt_num(t["objects_per_session"], 1)] for t in tm["ours"][:25]]
+            text += ("\n\nThe same, charged to the innermost podterm line that led to each "
+                     "allocation\n\n" + C.table(["podterm line", "bytes/session",
+                                                    "blocks/session"], rows, "lrr"))
     prof = result.get("profile")
     if prof and prof.get("samples"):
         rows = [[name, f"{share:.1%}"] for name, share in prof["self"][:15]]
