@@ -29,6 +29,7 @@ import trio
 from tests.helpers.cutproxy import open_cut_proxy
 from tests.helpers.proxylb import open_proxy_lb
 from tests.helpers.redis_server import RedisServer, redis_server_available, running_redis
+from tests.helpers.tasks import tasks_of
 
 from podterm.agent.main import Agent, AgentOptions, options_from_config
 from podterm.config import AgentConfig, AuthConfig, ServeConfig, StoreConfig, TLSConfig
@@ -691,16 +692,17 @@ async def test_the_agent_acks_input_with_its_echo_not_on_its_timer(gateway: Gate
             assert bytes(client.output) == b"abcdef"
 
 
-async def test_an_idle_agent_session_runs_no_output_pump(gateway: GatewayUnderTest,
-                                                         tokens: Tokens) -> None:
+async def test_an_idle_agent_session_runs_no_task_of_its_own(gateway: GatewayUnderTest,
+                                                            tokens: Tokens) -> None:
     with trio.fail_after(WAIT_S * 2):
         async with echo_session(gateway, tokens) as (agent, session_id, client):
             session = gateway.registry.get(session_id)
             typed = b""
             for round_ in range(3):
-                # Idle: the session's nursery holds no task (its output pump
-                # left; the agent stream pushes output to the ring itself).
-                await wait_until(lambda: not session._nursery.child_tasks)
+                # Idle: no task runs for the session: its output pump left (the
+                # agent stream pushes output to the ring itself) and so did its
+                # supervisor (the stream and the process's timer call it back).
+                await wait_until(lambda: not tasks_of(session))
                 key = b"k%d" % round_
                 typed += key
                 await client.send_stdin(key)
@@ -714,9 +716,77 @@ async def test_an_idle_agent_session_runs_no_output_pump(gateway: GatewayUnderTe
                                                      sent_before=len(typed), chunk=8192))
                 await client.wait_for(lambda c: len(c.output) >= len(typed) + len(payload))
             assert bytes(client.output) == typed + payload
-            await wait_until(lambda: not session._nursery.child_tasks)
+            await wait_until(lambda: not tasks_of(session))
         await wait_until(lambda: not agent.streams)
         assert session.end_reason is not None
+
+
+async def test_a_parked_supervisor_hears_the_exit_a_kill_and_its_timers(
+        make_gateway: GatewayFactory, tokens: Tokens) -> None:
+    """Each thing that ends a session reaches a supervisor that has left its task."""
+    gateway = fast_agent_links(await make_gateway(
+        auth=AuthConfig(token_file=str(tokens.csv), admin_token=ADMIN_TOKEN),
+        session_limits=SessionLimits(exit_drain_s=0.5, grace_s=0.4, idle_timeout_s=1.5)))
+    with trio.fail_after(WAIT_S * 2):
+        async with running_agent(gateway.url, token_file=str(tokens.agent)) as agent:
+            await agent.wait_registered()
+
+            async def parked_session() -> tuple[Any, Any]:
+                created = await create(gateway, None, tty=True)
+                client = await gateway.attach(created["id"])
+                await shell_pid(client, "p")  # the shell runs and answered
+                session = gateway.registry.get(created["id"])
+                await wait_until(lambda: not tasks_of(session))
+                return session, client
+
+            # 1. The process exits: EXIT (code 0), then 1000.
+            session, client = await parked_session()
+            await client.send_stdin(b"exit\r")
+            assert await client.wait_closed() == 1000
+            assert client.exit is not None and client.exit.code == 0
+            await session.wait_closed()
+            assert session.end_reason == "exited"
+            # 2. A kill (DELETE): EXIT "killed", then 4410.
+            session, client = await parked_session()
+            await delete(gateway, session.id)
+            assert await client.wait_closed() == 4410
+            assert client.exit is not None and client.exit.reason == "killed"
+            # 3. The writer leaves: the earlier deadline (grace) moves the
+            #    parked supervisor's timer, and the grace ends the session.
+            session, client = await parked_session()
+            await client.aclose()
+            left = trio.current_time()
+            await session.wait_closed()
+            assert session.end_reason == "grace"
+            assert 0.4 <= trio.current_time() - left < 1.4  # not the idle timeout's 1.5 s
+            # 4. The idle timeout, attached and silent.
+            session, client = await parked_session()
+            assert await client.wait_closed() == 4410
+            assert session.end_reason == "idle"
+            assert client.exit is not None and client.exit.reason == "idle"
+
+
+async def test_a_parked_supervisor_ends_its_session_when_the_agent_stays_away(
+        make_gateway: GatewayFactory, tokens: Tokens) -> None:
+    gateway = fast_agent_links(await make_gateway(
+        auth=AuthConfig(token_file=str(tokens.csv), admin_token=ADMIN_TOKEN),
+        session_limits=SessionLimits(exit_drain_s=0.5)))
+    upstream = agents_of(gateway)
+    upstream.options = dataclasses.replace(upstream.options, lost_timeout_s=0.5)
+    with trio.fail_after(WAIT_S * 2):
+        async with running_agent(gateway.url, token_file=str(tokens.agent)) as agent:
+            await agent.wait_registered()
+            created = await create(gateway, None, tty=True)
+            client = await gateway.attach(created["id"])
+            await shell_pid(client, "away")
+            session = gateway.registry.get(created["id"])
+            await wait_until(lambda: not tasks_of(session))
+        # The agent is gone and none comes back: past lost_timeout_s the
+        # session ends, though no task of it was waiting.
+        gone = trio.current_time()
+        assert await client.wait_closed() == 4410
+        assert client.exit is not None and client.exit.reason == "upstream_failed"
+        assert trio.current_time() - gone >= 0.5
 
 
 async def test_echo_agent_resumes_across_a_cut(gateway: GatewayUnderTest,

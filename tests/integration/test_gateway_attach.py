@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
+from tests.helpers.tasks import tasks_in
 
 from podterm.protocol.events import ErrorMsg, Gap, Hello, Stderr, Stdout
 from podterm.protocol.offsets import InputLog
@@ -405,24 +406,6 @@ async def test_input_with_no_output_is_acked_alone_after_the_deferral(
         await _finish(gateway, created["id"])
 
 
-def _sender_tasks() -> int:
-    """Tasks of this trio run inside a link's ``_Link.send_loop`` now (parked or not)."""
-    count = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        coro: Any = task.coro
-        while coro is not None:
-            code = getattr(coro, "cr_code", None)
-            if code is not None and code.co_name == "send_loop":
-                count += 1
-                break
-            coro = getattr(coro, "cr_await", None)
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return count
-
-
 async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
         make_gateway: GatewayFactory) -> None:
     limits = SessionLimits(heartbeat_interval_s=0.2)
@@ -440,7 +423,7 @@ async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
             nursery.start_soon(read)
             typed = b""
             for key in (b"a", b"b", b"c"):
-                await _wait_until(lambda: _sender_tasks() == 0)  # idle: no sender task
+                await _wait_until(lambda: tasks_in("send_loop") == 0)  # idle: no sender task
                 typed += key
                 await client.send_stdin(key)
                 await _wait_until(lambda t=typed: bytes(client.output) == t)
@@ -450,10 +433,10 @@ async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
             # in between.
             seen: set[float] = set()
             while len(seen) < 4:
-                if att.heartbeat_at is not None:
-                    seen.add(att.heartbeat_at)
+                if att.timer_at is not None:
+                    seen.add(att.timer_at)
                 await trio.sleep(0.05)
-            await _wait_until(lambda: _sender_tasks() == 0)
+            await _wait_until(lambda: tasks_in("send_loop") == 0)
             assert gateway.gw.counters.snapshot().heartbeat_failures == 0
             assert gateway.registry.get(created["id"]).writer is att  # still attached
             nursery.cancel_scope.cancel()
@@ -465,3 +448,38 @@ async def _wait_until(predicate: Callable[[], bool]) -> None:
     """Poll a condition no event announces (the caller bounds the wait)."""
     while not predicate():
         await trio.sleep(0.01)
+
+
+async def test_a_failing_sender_aborts_its_own_link_only(gateway: GatewayUnderTest,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one link's sender (it runs in the server's nursery, beside every
+    other connection) closes that link with 1011; the session and the others go on."""
+    from podterm.gateway import attach as attach_module
+
+    with trio.fail_after(WAIT_S):
+        good = await gateway.create(["cat"])
+        bad = await gateway.create(["cat"])
+        good_client = await gateway.attach(good["id"])
+        await good_client.wait_hello()
+        original = attach_module._Link._collect_output
+
+        def broken(self: Any, parts: list[Any]) -> None:
+            if self.session.id == bad["id"]:
+                raise RuntimeError("a bug in the sender")
+            original(self, parts)
+
+        monkeypatch.setattr(attach_module._Link, "_collect_output", broken)
+        bad_client = await gateway.attach(bad["id"])
+        assert await bad_client.wait_closed() == 1011
+        await good_client.send_stdin(b"still here\n")
+        await good_client.wait_output(b"still here\r\nstill here\r\n")
+        monkeypatch.undo()
+        # The session itself lives on: attach again (the writer's token).
+        again = await gateway.attach(bad["id"], resume_token=bad["resume_token"])
+        await again.wait_hello()
+        await again.send_stdin(b"fine\n")
+        await again.wait_output(b"fine\r\nfine\r\n")
+        for client in (good_client, again):
+            await client.aclose()
+        await _finish(gateway, good["id"])
+        await _finish(gateway, bad["id"])

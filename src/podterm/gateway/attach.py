@@ -26,7 +26,7 @@ first wake-up after it returned starts it again):
   ``drain``, ``error``), the input ACK, output up to the link's credit (STDOUT
   and STDERR in messages of at most 32 KiB), EXIT after the last byte, and the
   heartbeat PING when one is due, and ends when nothing more is (the
-  process's ``HeartbeatTimer`` wakes the link for its next PING).  Two
+  process's ``DeadlineTimer`` wakes the link for its next PING).  Two
   unanswered PINGs, or a write that cannot complete in that time, mark the
   link dead.
 
@@ -85,7 +85,7 @@ from podterm.protocol.session_proto import (
 )
 from podterm.protocol.websocket import ConnectionState, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.session.attachment import Attachment, Mode, ack_timer, heartbeat_timer
+from podterm.session.attachment import Attachment, Mode, ack_timer, deadline_timer
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
 
@@ -242,18 +242,23 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     if att.resumed:
         counters.resumes += 1
     link = _Link(ws, att, counters, auditor)
+    # The sender runs only while something is due (att.starter), beside this
+    # task (the receiver) in the nursery that runs it: the server's, for
+    # every connection.  No nursery per link (~1.3 KiB of an idle session).
+    home = trio.lowlevel.current_task().parent_nursery
+    assert home is not None
     try:
-        async with trio.open_nursery() as nursery:
-            # The sender runs only while something is due (att.starter);
-            # this task is the receiver.
-            att.starter = functools.partial(nursery.start_soon, link.run_sender)
-            att.parked = True
-            att.wake()  # the hello (and whatever else is queued)
-            await link.receive_loop()
-            # The receiver stopped (the peer left or is closing, a violation,
-            # a detach): the sender finishes (CLOSE, EXIT) and ends the link.
-            att.wake()
-            await link.sender_done.wait()
+        att.starter = functools.partial(home.start_soon, link.run_sender)
+        att.parked = True
+        att.wake()  # the hello (and whatever else is queued)
+        await link.receive_loop()
+        # The receiver stopped (the peer left or is closing, a violation,
+        # a detach): the sender finishes (CLOSE, EXIT) and ends the link.
+        att.wake()
+        await link.wait_until(lambda: link.sender_done)
+        if link.failed:  # (logged by the sender)
+            with trio.CancelScope(shield=True):
+                await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
     except Exception:
         log.exception("session.attach.failed %s", session.id)
         with trio.CancelScope(shield=True):
@@ -261,6 +266,8 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     finally:
         att.flush = None
         att.starter = None
+        if att.timer_at is not None:
+            deadline_timer().cancel(att)  # not held until its next PING was due
         session.detach(att)
         # Idempotent: after a close handshake this only makes sure the
         # stream is closed; after a lost connection it closes the socket.
@@ -272,7 +279,7 @@ class _Link:
     """The two directions of one attached connection (see the module docstring)."""
 
     __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
-                 "auditor", "sender_done")
+                 "auditor", "sender_done", "failed", "_lot")
 
     def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
                  auditor: Auditor | None = None) -> None:
@@ -287,9 +294,24 @@ class _Link:
                             now=trio.current_time())
         ws.heartbeat = self.hb  # the reader hands PONGs to it
         self.rx_scope = trio.CancelScope()
-        self.rx_done = trio.Event()
-        self.sender_done = trio.Event()  # set once the sender has ended the link
+        self.rx_done = False  # the receiver stopped
+        self.sender_done = False  # the sender has ended the link
+        self.failed = False  # the sender raised (a bug: logged, the link aborted)
+        # Whoever waits for one of the two flags (wait_until), made on first use.
+        self._lot: trio.lowlevel.ParkingLot | None = None
         att.flush = self.flush_output
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` (on :attr:`rx_done`, :attr:`sender_done`) holds."""
+        await trio.lowlevel.checkpoint()
+        while not condition():
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
+            await self._lot.park()
+
+    def _flagged(self) -> None:
+        if self._lot is not None:
+            self._lot.unpark_all()
 
     # -------------------------------------------------------------- receiver
 
@@ -303,7 +325,8 @@ class _Link:
             with self.rx_scope:
                 await self._receive(ws, att, session, decode)
         finally:
-            self.rx_done.set()
+            self.rx_done = True
+            self._flagged()
 
     async def _receive(self, ws: WebSocketStream, att: Attachment, session: Session,
                        decode: Callable[[int, bytes], list[Event]]) -> None:
@@ -362,6 +385,10 @@ class _Link:
         """
         try:
             ended = await self.send_loop()
+        except Exception:  # never into the server's nursery: every other link runs there
+            log.exception("session.attach.sender_failed %s", self.session.id)
+            self.failed = True
+            ended = True
         except BaseException:
             self._ended()
             raise
@@ -371,7 +398,8 @@ class _Link:
     def _ended(self) -> None:
         self.att.starter = None  # never started again
         self.att.parked = False
-        self.sender_done.set()
+        self.sender_done = True
+        self._flagged()
         self.rx_scope.cancel()  # (the receiver may still be reading: stop it)
 
     async def send_loop(self) -> bool:
@@ -395,7 +423,8 @@ class _Link:
             if att.gone:
                 return True
             if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
-                await self.rx_done.wait()  # violation, the peer's CLOSE): nothing more to send
+                await self.wait_until(lambda: self.rx_done)  # violation, the peer's CLOSE):
+                return True  # nothing more to send
                 return True
             parts: list[Buffer] = []
             # 1. notices: hello, gap, drain, error.
@@ -410,8 +439,11 @@ class _Link:
             #    (what it has not seen is replayed when it resumes).
             if att.close is None:
                 self._collect_output(parts)
-                # 4. EXIT after the last byte, then close 1000.
+                # 4. EXIT after the last byte, then close 1000: when the
+                #    process exited by itself (a session being ended has
+                #    its status too, before it says why: EXIT then 4410).
                 if (not att.exit_sent and session.is_exited
+                        and session.exit_reason == "exited"
                         and att.sent >= session.ring.end):
                     parts.append(self._exit_message("exited"))
                     att.close = (CloseCode.NORMAL, "session exited")
@@ -463,8 +495,8 @@ class _Link:
                 await self._close(*att.close)
                 return True
             # Nothing to send: the task ends until woken (output, a notice, a
-            # deferred ACK's turn: AckTimer, the next PING's: HeartbeatTimer).
-            heartbeat_timer().schedule(att, hb.deadline)
+            # deferred ACK's turn: AckTimer, the next PING's: DeadlineTimer).
+            deadline_timer().schedule(att, hb.deadline)
             att.parked = True
             return False
 
@@ -566,7 +598,7 @@ class _Link:
         # first, and wait until it has stopped, so that exactly one task reads.
         self.rx_scope.cancel()
         with trio.move_on_after(ws.close_timeout_s):
-            await self.rx_done.wait()
+            await self.wait_until(lambda: self.rx_done)
         await ws.aclose(code, reason)
         att = self.att
         if (att.exit_sent and code == CloseCode.NORMAL

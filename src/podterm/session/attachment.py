@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -35,8 +36,10 @@ from podterm.protocol.events import Drain, ErrorMsg, Gap, Hello
 if TYPE_CHECKING:
     from podterm.session.session import Session
 
-__all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "HeartbeatTimer", "Mode", "Notice",
-           "ack_timer", "heartbeat_timer"]
+log = logging.getLogger(__name__)
+
+__all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "DeadlineTimer", "Mode", "Notice",
+           "Timed", "ack_timer", "deadline_timer"]
 
 #: How long an input ACK may wait for output to leave with (see
 #: :meth:`Attachment.input_written`); below §6's 100 ms, and long enough for
@@ -129,45 +132,81 @@ def ack_timer() -> AckTimer:
     return _run_timer(_ACK_TIMER, AckTimer, "podterm.ack_timer")
 
 
-class HeartbeatTimer:
-    """Wakes each parked sender when its link's heartbeat is due: one task, one heap.
+class Timed(Protocol):
+    """What :class:`DeadlineTimer` wakes: an attachment's sender, a session's supervisor."""
+
+    #: When the timer calls :meth:`timer_due` next (None: not queued).
+    timer_at: float | None
+
+    def timer_due(self) -> None:
+        """The deadline came (called from the timer's task; must not block or raise)."""
+
+
+class DeadlineTimer:
+    """Calls each waiting object back at its deadline: one task, one heap for the process.
 
     A parked sender waited under a cancel scope whose deadline was the next
-    PING: a ``CancelScope`` and its ``CancelStatus`` per idle link (about
-    0.5 KiB of an idle session) and an update of trio's deadline heap every
-    time the sender parked (per keystroke).  Instead the sender queues its
-    heartbeat deadline here when it parks (:meth:`schedule`, a no-op while
-    an entry at or before that time is queued), and parks with no deadline.
-    When an entry is due the timer wakes the link's sender
-    (:meth:`Attachment.heartbeat_due`), which sends the PING or declares the
-    peer dead, exactly as when its scope expired.
+    PING, and a session's supervisor under one whose deadline was its next
+    timer (detach grace, idle timeout, maximum age): a ``CancelScope`` and its
+    ``CancelStatus`` per idle link and per session (about 0.6 KiB each) and
+    an update of trio's deadline heap every time a sender parked (per
+    keystroke).  Instead each queues its deadline here (:meth:`schedule`, a
+    no-op while an entry at or before that time is queued) and parks with no
+    deadline, or leaves its task altogether.  When an entry is due the timer
+    calls the object's :meth:`Timed.timer_due`, which wakes it: the sender
+    sends the PING or declares the peer dead, the supervisor checks its
+    timers, exactly as when their scopes expired.
 
-    Entries superseded by an earlier one are skipped when they come up, so
-    the heap holds a few entries per link at most, each due within one
-    heartbeat interval.  One per trio run (:func:`heartbeat_timer`), a
-    system task: it never raises and ends with the run.
+    Entries superseded by an earlier one, or cancelled (:meth:`cancel`: the
+    object ended), are skipped when they come up; a later deadline is found
+    when the queued one passes and nothing expired.  Skipped entries still in
+    the heap are bounded: once they are more than half of it, the heap is
+    rebuilt without them (so an ended session is not held for hours until its
+    idle timeout comes up).  One per trio run
+    (:func:`deadline_timer`), a system task: it never raises and ends with the
+    run.
     """
 
-    __slots__ = ("_heap", "_lot", "_seq")
+    __slots__ = ("_heap", "_lot", "_seq", "_stale")
+
+    #: Skipped entries tolerated before the heap is rebuilt (and half of it).
+    COMPACT_ABOVE = 64
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Attachment]] = []
+        self._heap: list[tuple[float, int, Timed]] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._seq = itertools.count()
+        self._stale = 0  # entries in the heap that will be skipped
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def schedule(self, att: Attachment, due: float) -> None:
-        """Wake ``att``'s sender at ``due`` (unless an entry at or before it is queued)."""
-        queued = att.heartbeat_at
-        if queued is not None and queued <= due:
-            return
-        att.heartbeat_at = due
+    def schedule(self, obj: Timed, due: float) -> None:
+        """Call ``obj.timer_due()`` at ``due`` (unless an entry at or before it is queued)."""
+        queued = obj.timer_at
+        if queued is not None:
+            if queued <= due:
+                return
+            self._superseded()
+        obj.timer_at = due
         heap = self._heap
-        heapq.heappush(heap, (due, next(self._seq), att))
-        if heap[0][2] is att:
+        heapq.heappush(heap, (due, next(self._seq), obj))
+        if heap[0][2] is obj:
             self._lot.unpark_all()  # the earliest entry moved: the timer re-reads it
+
+    def cancel(self, obj: Timed) -> None:
+        """Forget ``obj``'s queued deadline (it ended): it is not called, nor held for long."""
+        if obj.timer_at is not None:
+            obj.timer_at = None
+            self._superseded()
+
+    def _superseded(self) -> None:
+        self._stale += 1
+        heap = self._heap
+        if self._stale > self.COMPACT_ABOVE and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2].timer_at == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0
 
     async def run(self) -> None:
         heap = self._heap
@@ -182,19 +221,24 @@ class HeartbeatTimer:
                 continue
             now = trio.current_time()
             while heap and heap[0][0] <= now:
-                due, _, att = heapq.heappop(heap)
-                if att.heartbeat_at == due:  # (not superseded by an earlier entry)
-                    att.heartbeat_at = None
-                    att.heartbeat_due()
+                due, _, obj = heapq.heappop(heap)
+                if obj.timer_at != due:  # superseded by an earlier entry, or cancelled
+                    self._stale = max(0, self._stale - 1)
+                    continue
+                obj.timer_at = None
+                try:
+                    obj.timer_due()
+                except Exception:  # noqa: BLE001 - one object's bug ends no other's timer
+                    log.exception("deadline_timer.callback_failed %r", obj)
 
 
-_HEARTBEAT_TIMER: trio.lowlevel.RunVar[HeartbeatTimer] = trio.lowlevel.RunVar(
-    "podterm_heartbeat_timer")
+_DEADLINE_TIMER: trio.lowlevel.RunVar[DeadlineTimer] = trio.lowlevel.RunVar(
+    "podterm_deadline_timer")
 
 
-def heartbeat_timer() -> HeartbeatTimer:
-    """This trio run's :class:`HeartbeatTimer`, started on first use."""
-    return _run_timer(_HEARTBEAT_TIMER, HeartbeatTimer, "podterm.heartbeat_timer")
+def deadline_timer() -> DeadlineTimer:
+    """This trio run's :class:`DeadlineTimer`, started on first use."""
+    return _run_timer(_DEADLINE_TIMER, DeadlineTimer, "podterm.deadline_timer")
 
 
 #: What the sender still has to send, in order, before any output: ``hello``,
@@ -228,7 +272,7 @@ class Attachment:
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
                  "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
-                 "ack_queued", "ack_overdue", "heartbeat_at", "starter", "_lot")
+                 "ack_queued", "ack_overdue", "timer_at", "starter", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -252,8 +296,8 @@ class Attachment:
         self.ack_queued = False
         #: The deferred input ACK waited its :data:`INPUT_ACK_DELAY_S`: send it alone.
         self.ack_overdue = False
-        #: When the :class:`HeartbeatTimer` wakes the sender next (None: not queued).
-        self.heartbeat_at: float | None = None
+        #: When the :class:`DeadlineTimer` wakes the sender next (None: not queued).
+        self.timer_at: float | None = None
         #: The relay's way to start its sender again (see :meth:`wake`); None
         #: for a relay whose sender stays and parks in :meth:`wait_woken`.
         self.starter: Callable[[], None] | None = None
@@ -321,8 +365,8 @@ class Attachment:
             self.ack_overdue = True
             self.wake()
 
-    def heartbeat_due(self) -> None:
-        """:class:`HeartbeatTimer`: the link's heartbeat deadline came; wake the sender."""
+    def timer_due(self) -> None:
+        """:class:`DeadlineTimer`: the link's heartbeat deadline came; wake the sender."""
         self.wake()
 
     async def wait_woken(self) -> None:

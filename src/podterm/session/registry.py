@@ -186,6 +186,10 @@ class SessionRegistry:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+                # A session whose supervisor is parked has no task to cancel:
+                # start each in this (cancelled) nursery, to end "shutdown".
+                for session in list(self._sessions.values()):
+                    session.wake_supervisor()
 
     # ---------------------------------------------------------------- lookup
 

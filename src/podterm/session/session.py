@@ -72,7 +72,16 @@ the new gateway), and the store record is left alone (it is the new
 gateway's).
 
 Tasks: the session runs three — the supervisor (process exit and the timers),
-the output pump and the input pump — in its own nursery inside the registry's.
+the output pump and the input pump — in the registry's nursery, each only
+while it has something to do.  The pumps start when output or input waits for
+them (an upstream that pushes its output, the agent's, needs no output pump
+while it is idle).  The supervisor leaves its task while its upstream can call
+it back (``park_supervisor``, the agent's streams): then the process's
+:class:`~podterm.session.attachment.DeadlineTimer` holds its next timer, and
+the upstream's change (exit, loss), a kill or that timer starts it again.  An
+idle attached agent session costs no task of its own.  A pump's error ends the
+session as a supervisor's would (the supervisor raises it); the session's end
+cancels its pumps and waits for them before it closes the upstream.
 
 Lost upstreams: the shell is restored
 -------------------------------------
@@ -130,7 +139,7 @@ from podterm.metrics import GatewayCounters
 from podterm.protocol.events import Drain, Hello
 from podterm.protocol.events import Gap as GapNotice
 from podterm.recording.recorder import Recorder, RecordingFailed
-from podterm.session.attachment import Attachment, Mode
+from podterm.session.attachment import Attachment, Mode, deadline_timer
 from podterm.session.context import restore_spec
 from podterm.session.ring import DEFAULT_CHUNK_BYTES, OutputRing, channel_runs
 from podterm.store.base import hash_resume_token, token_matches
@@ -356,6 +365,7 @@ class Session:
         "_closed", "_started", "_ever_attached", "_detached_since",
         "_timer_scope", "_kill_reason", "_on_closed", "_exited_by_itself", "_drain_reason",
         "restores", "_reopen", "_nursery", "_out_pumping", "_lost", "_lost_context",
+        "timer_at", "_parked", "_failure", "_tasks", "_live_scope",
         "_restore_wanted", "_notices", "_watch",
         "recorder", "_observer", "_in_floor", "_confirmer", "_confirm_base", "_token_hash",
         "_catch_up_to", "_size_unsent",
@@ -439,7 +449,14 @@ class Session:
         #: Shells restarted after their upstream was lost.
         self.restores = 0
         self._reopen = reopen
-        self._nursery: trio.Nursery | None = None  # run()'s: restored streams' pumps
+        # Where the session's tasks run (the registry's nursery) while it is live.
+        self._nursery: trio.Nursery | None = None
+        #: When the DeadlineTimer calls :meth:`timer_due` (the parked supervisor's timer).
+        self.timer_at: float | None = None
+        self._parked = False  # the supervisor left its task: wake_supervisor() starts it
+        self._failure: Exception | None = None  # a pump's error, for the supervisor to raise
+        self._tasks: set[trio.CancelScope] | None = None  # the pumps' (None: none runs)
+        self._live_scope: trio.CancelScope | None = None  # the supervisor's, while it runs
         self._out_pumping = False
         self._lost: str | None = None  # why the upstream was lost, while restoring
         self._lost_context: Context | None = None
@@ -688,13 +705,8 @@ class Session:
 
     def _restart_pump(self) -> None:
         """The stream's call: output or a state change came while the pump was away."""
-        nursery = self._nursery
-        if nursery is not None:
-            try:
-                nursery.start_soon(self._pump_output)
-                return
-            except RuntimeError:  # the nursery closed meanwhile (the session is ending)
-                pass
+        if self._spawn(self._pump_output):
+            return
         # The session is over: nobody reads the stream any more.
         self._eof = True
         self._out_pumping = False
@@ -837,12 +849,10 @@ class Session:
 
     def _wake_input(self) -> None:
         """Start the input pump if input (or the EOF) waits for it and none runs."""
-        nursery = self._nursery
-        if (self._in_pumping or nursery is None or self._lost is not None
+        if (self._in_pumping or self._nursery is None or self._lost is not None
                 or self._stdin_dead or not (self._in_chunks or self._input_closed)):
             return
-        self._in_pumping = True
-        nursery.start_soon(self._pump_input)
+        self._in_pumping = self._spawn(self._pump_input)
 
     async def _pump_input(self) -> None:
         """Write accepted input to the upstream, in order; the only writer of it.
@@ -1124,6 +1134,7 @@ class Session:
         self._kill_reason = reason
         if self._timer_scope is not None:
             self._timer_scope.cancel()
+        self.wake_supervisor()
 
     async def wait_exited(self) -> None:
         """Wait until the process has exited and its output is all in the ring (or the
@@ -1176,6 +1187,85 @@ class Session:
         scope = self._timer_scope
         if scope is not None and self._kill_reason is None:
             scope.deadline = self._deadline()
+        elif self._parked:
+            deadline = self._deadline()
+            if deadline != math.inf:
+                deadline_timer().schedule(self, deadline)  # (a no-op unless earlier)
+
+    def timer_due(self) -> None:
+        """:class:`DeadlineTimer`: the parked supervisor's timer came; it checks it."""
+        self.wake_supervisor()
+
+    def wake_supervisor(self) -> None:
+        """Start the supervisor again if it left its task (see "Tasks"); else nothing.
+
+        The registry calls it for every session when it shuts down: a parked
+        supervisor then starts cancelled, and ends the session ``shutdown``.
+        """
+        if not self._parked:
+            return
+        nursery = self._nursery
+        if nursery is None:
+            return
+        self._parked = False
+        nursery.start_soon(self._live)
+
+    def _park_supervisor(self, stream: UpstreamStream) -> bool:
+        """Leave the supervisor's task if nothing can be due before a callback says so."""
+        park: Callable[[Callable[[], None]], float | None] | None = getattr(
+            stream, "park_supervisor", None)
+        if park is None or self._kill_reason is not None or self._failure is not None:
+            return False
+        deadline = self._deadline()
+        if deadline <= trio.current_time():
+            return False
+        checked_by = park(self.wake_supervisor)  # None: it exited or was lost already
+        if checked_by is None:
+            return False
+        deadline = min(deadline, checked_by)
+        self._parked = True
+        if deadline != math.inf:
+            deadline_timer().schedule(self, deadline)
+        return True
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Start ``fn`` (a pump) in the registry's nursery, under the session's control.
+
+        False when the session is no longer live (nothing started).
+        """
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        scope = trio.CancelScope()
+        tasks = self._tasks
+        if tasks is None:
+            tasks = self._tasks = set()
+        tasks.add(scope)  # before it starts: the session's end cancels it even then
+        try:
+            nursery.start_soon(self._task, fn, scope)
+        except RuntimeError:  # the registry's nursery closed (the gateway stopped)
+            tasks.discard(scope)
+            return False
+        return True
+
+    async def _task(self, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await fn()
+        except Exception as exc:  # noqa: BLE001 - into the session, never the registry
+            if self._failure is None:
+                self._failure = exc
+            if self._live_scope is not None:
+                self._live_scope.cancel()  # the supervisor raises it
+            else:
+                self.wake_supervisor()
+        finally:
+            tasks = self._tasks
+            if tasks is not None:
+                tasks.discard(scope)
+                if not tasks:
+                    self._tasks = None
+                    _unpark(self._status_lot)
 
     async def _wait_timed(self, waiter: Callable[[], Awaitable[object]]) -> str | None:
         """Await ``waiter()`` until it returns (None) or a timer or kill ends the session."""
@@ -1194,9 +1284,12 @@ class Session:
             if reason is not None:
                 return reason
 
-    async def _supervise(self) -> str:
+    async def _supervise(self) -> str | None:
+        """Until the session ends (its reason), or None: parked (see "Tasks")."""
         while True:
             stream = self._stream
+            if self._park_supervisor(stream):
+                return None
             status: list[ExitStatus] = []
 
             async def wait_exit() -> None:
@@ -1259,20 +1352,38 @@ class Session:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The session's life: start the pumps, supervise, then close everything.
 
-        Returns when the session has ended; the upstream is closed and every
-        link told by then.  Cancellation (gateway shutdown) ends it too.
+        Run it in the registry's nursery: the session's tasks run there too.
+        Returns when the session has ended, the upstream closed and every link
+        told, or earlier with the supervisor parked (see "Tasks"): the session
+        then ends in a task of its own.  Cancellation (gateway shutdown) ends
+        it too; the registry wakes parked supervisors to be cancelled.
         """
         self._started = True
+        self._out_pumping = True
+        task_status.started()
+        self._nursery = trio.lowlevel.current_task().parent_nursery
+        if not self._spawn(self._pump_output):
+            self._out_pumping = False
+        self._wake_input()  # input accepted before the start, or an EOF
+        await self._live()
+
+    async def _live(self) -> None:
+        """Supervise until the session ends (then close it) or the supervisor parks."""
         reason = "shutdown"
+        ended = True
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._out_pumping = True
-                nursery.start_soon(self._pump_output)
-                self._wake_input()  # input accepted before the start, or an EOF
-                task_status.started()
-                reason = await self._supervise()
-                nursery.cancel_scope.cancel()
+            await trio.lowlevel.checkpoint_if_cancelled()  # (woken by a shutdown: end now)
+            with trio.CancelScope() as scope:
+                self._live_scope = scope
+                if self._failure is None:
+                    outcome = await self._supervise()
+                    if outcome is None:
+                        ended = False
+                        return
+                    reason = outcome
+            self._live_scope = None
+            if self._failure is not None:
+                raise self._failure  # a pump's error (it cancelled the scope)
         except Exception as exc:
             # The upstream failed, or a bug: it ends this session, never the
             # registry (and with it every other session).
@@ -1284,38 +1395,53 @@ class Session:
                 reason = "upstream_failed" if failed else "internal_error"
                 log.error("session.run.failed %s: %s", self.id, reason, exc_info=exc)
         finally:
-            self._nursery = None
-            self.end_reason = reason
-            with trio.CancelScope(shield=True):
+            self._live_scope = None
+            if ended:
+                await self._end(reason)
+
+    async def _end(self, reason: str) -> None:
+        """Close the session: its pumps, its upstream, its recording; tell its links."""
+        self._nursery = None  # nothing starts any more
+        self._parked = False
+        if self.timer_at is not None:
+            deadline_timer().cancel(self)
+        self.end_reason = reason
+        with trio.CancelScope(shield=True):
+            tasks = self._tasks
+            if tasks:
+                for scope in tasks:
+                    scope.cancel()
                 with trio.move_on_after(self.limits.kill_timeout_s):
-                    await self._stream.aclose()
-                if self.exit_status is None:
-                    with trio.move_on_after(1.0):
-                        try:
-                            self.exit_status = await self._stream.wait_exit()
-                        except UpstreamError:
-                            pass  # lost: no status to report (must not end the registry)
-                if self.recorder is not None:
-                    await self.recorder.aclose()  # the writer finishes the file (bounded)
-            self._closed = True
-            self._eof = True
-            GatewayCounters.bump(self._counters.sessions_ended, reason)
-            for att in self.links():
-                if reason == "exited":
-                    att.wake()  # EXIT + 1000 where not sent yet
-                elif reason == MOVED:
-                    # Another gateway runs it now: reconnect (and reach it there).
-                    if att.close is None:
-                        att.notify(Drain("the session moved to another gateway"))
-                        att.request_close(1001, "session moved: reconnect and resume")
-                else:
-                    att.request_close(4410, f"session ended ({reason})")
-            _unpark(self._space_lot)
-            _unpark(self._status_lot)
-            if self._observer is not None:
-                self._observer.ended(self)
-            for callback in self._on_closed:
-                callback(self)
+                    await self._wait_status(lambda: not self._tasks)
+            with trio.move_on_after(self.limits.kill_timeout_s):
+                await self._stream.aclose()
+            if self.exit_status is None:
+                with trio.move_on_after(1.0):
+                    try:
+                        self.exit_status = await self._stream.wait_exit()
+                    except UpstreamError:
+                        pass  # lost: no status to report (must not end the registry)
+            if self.recorder is not None:
+                await self.recorder.aclose()  # the writer finishes the file (bounded)
+        self._closed = True
+        self._eof = True
+        GatewayCounters.bump(self._counters.sessions_ended, reason)
+        for att in self.links():
+            if reason == "exited":
+                att.wake()  # EXIT + 1000 where not sent yet
+            elif reason == MOVED:
+                # Another gateway runs it now: reconnect (and reach it there).
+                if att.close is None:
+                    att.notify(Drain("the session moved to another gateway"))
+                    att.request_close(1001, "session moved: reconnect and resume")
+            else:
+                att.request_close(4410, f"session ended ({reason})")
+        _unpark(self._space_lot)
+        _unpark(self._status_lot)
+        if self._observer is not None:
+            self._observer.ended(self)
+        for callback in self._on_closed:
+            callback(self)
 
     # ---------------------------------------------------- lost upstreams
 
@@ -1435,10 +1561,7 @@ class Session:
         self._notices.append(note)
         await self._notice_output(note)
         log.info("session.restore.complete %s: %s", self.id, note)
-        nursery = self._nursery
-        assert nursery is not None
-        self._out_pumping = True
-        nursery.start_soon(self._pump_output)
+        self._out_pumping = self._spawn(self._pump_output)
         self._wake_input()  # what the lost shell did not get goes to the new one
         _unpark(self._credit_lot)
         return None

@@ -53,6 +53,7 @@ word to the agent (``hand_over``: their clients reconnect and resume there).
 from __future__ import annotations
 
 import logging
+import math
 import signal as _signal
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -410,7 +411,7 @@ class TunnelStream:
     """
 
     __slots__ = ("stream_id", "spec", "window", "_tunnel", "_inbox", "_inbox_bytes", "_lot",
-                 "_exit_lot", "_space_lot", "_sink", "_reader_cb",
+                 "_exit_lot", "_space_lot", "_sink", "_reader_cb", "_exit_cb",
                  "log", "in_sent", "needs_open", "size", "size_sent", "exit", "lost", "closed",
                  "_receiving", "_sending", "_stdin_closed", "agent_error", "gap_bytes",
                  "session_id", "adopt_from", "moved", "_confirmed_cb", "left_running")
@@ -439,6 +440,8 @@ class TunnelStream:
         self._sink: Callable[[int, bytes], bool] | None = None
         # Set while the reader is away (park_reader): what calls it back.
         self._reader_cb: Callable[[], None] | None = None
+        # Set while the session's supervisor is away (park_supervisor).
+        self._exit_cb: Callable[[], None] | None = None
         #: Input not yet acknowledged by the agent; never more than one window.
         #: Starts at the agent's input offset for an adopted stream.
         self.log = InputLog(in_offset, limit=window)
@@ -492,6 +495,10 @@ class TunnelStream:
     def _changed(self) -> None:
         """Wake every waiter: the stream's state changed (exit, loss, close, resume)."""
         self._call_reader()
+        callback = self._exit_cb
+        if callback is not None:
+            self._exit_cb = None
+            callback()
         self._lot.unpark_all()
         self._exit_lot.unpark_all()
         if self._space_lot is not None:
@@ -524,6 +531,25 @@ class TunnelStream:
             return False
         self._reader_cb = callback
         return True
+
+    def park_supervisor(self, callback: Callable[[], None]) -> float | None:
+        """Let the session's supervisor leave :meth:`wait_exit`; ``callback()`` on a change.
+
+        Returns None (it must wait in :meth:`wait_exit`) when the stream has
+        exited, was lost or closed already.  Otherwise ``callback`` is called
+        once, from whichever task changes the stream's state (exit, loss,
+        close, a resume, the agent's link going down), and the return value is
+        when the supervisor must look again even if nothing called it: the
+        agent's lost deadline while its link is down (this call declares the
+        agent lost once it has passed), else ``math.inf``.
+        """
+        tunnel = self._tunnel
+        tunnel.check_expired()
+        if self.closed or self.exit is not None or self.lost is not None:
+            return None
+        self._exit_cb = callback
+        deadline = tunnel.lost_deadline()
+        return math.inf if deadline is None else deadline
 
     def _call_reader(self) -> None:
         callback = self._reader_cb
