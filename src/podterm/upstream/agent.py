@@ -432,9 +432,11 @@ class TunnelStream:
         # - send_stdin waits on _space_lot for room in the input log, woken
         #   per agent ACK (made when first needed: most streams never wait);
         # - the session's supervisor waits on _exit_lot in wait_exit.
-        # What ends or moves the stream wakes all three (_changed).
-        self._lot = trio.lowlevel.ParkingLot()
-        self._exit_lot = trio.lowlevel.ParkingLot()
+        # What ends or moves the stream wakes all three (_changed).  Each lot
+        # is made by its first waiter: an idle stream has no waiter at all
+        # (its reader and its supervisor are away: park_reader, park_supervisor).
+        self._lot: trio.lowlevel.ParkingLot | None = None
+        self._exit_lot: trio.lowlevel.ParkingLot | None = None
         self._space_lot: trio.lowlevel.ParkingLot | None = None
         # The reader's push target while it waits in receive_some (set_output_sink).
         self._sink: Callable[[int, bytes], bool] | None = None
@@ -499,10 +501,9 @@ class TunnelStream:
         if callback is not None:
             self._exit_cb = None
             callback()
-        self._lot.unpark_all()
-        self._exit_lot.unpark_all()
-        if self._space_lot is not None:
-            self._space_lot.unpark_all()
+        for lot in (self._lot, self._exit_lot, self._space_lot):
+            if lot is not None:
+                lot.unpark_all()
 
     def set_output_sink(self, sink: Callable[[int, bytes], bool] | None) -> None:
         """Push output to ``sink(channel, data)`` while the reader waits for it.
@@ -570,7 +571,8 @@ class TunnelStream:
         inbox.append((channel, data, len(data)))
         self._inbox_bytes += len(data)
         self._call_reader()
-        self._lot.unpark_all()
+        if self._lot is not None:
+            self._lot.unpark_all()
 
     def on_ack(self, offset: int) -> None:
         """The agent wrote our input up to ``offset``: free the log."""
@@ -601,7 +603,8 @@ class TunnelStream:
             self._inbox.append((_STDOUT, notice, 0))
             self._inbox_bytes += len(notice)
         self._call_reader()
-        self._lot.unpark_all()
+        if self._lot is not None:
+            self._lot.unpark_all()
 
     def on_resume(self, start: int) -> None:
         """The agent holds our input up to ``start``: resend from there."""
@@ -640,6 +643,8 @@ class TunnelStream:
         """Wait for a change; declare the agent lost if it stays away past its deadline."""
         if lot is None:  # (not ``lot or``: an empty ParkingLot is falsy)
             lot = self._lot
+            if lot is None:
+                lot = self._lot = trio.lowlevel.ParkingLot()
         deadline = self._tunnel.lost_deadline()
         if deadline is None:
             await lot.park()
@@ -782,6 +787,8 @@ class TunnelStream:
                 return self.exit
             if self.lost is not None:
                 raise _moved_error(self.lost) if self.moved else UpstreamError(self.lost)
+            if self._exit_lot is None:
+                self._exit_lot = trio.lowlevel.ParkingLot()
             await self._park(self._exit_lot)
 
     def capture_context(self) -> Context:
