@@ -248,7 +248,7 @@ class LoadGenProc:
         self.index = index
         self.source = source
         self.sessions = 0
-        args = [sys.executable, str(HERE / "loadgen.py"), "--url", gw.url, "--token", gw.token,
+        args = [sys.executable, str(HERE / "loadgen.py"), "--url", gw.url, f"--token={gw.token}",
                 "--source", source, "--upstream", ns.upstream, "--seed", str(index + 1),
                 "--concurrency", str(ns.concurrency)]
         if ns.shell:

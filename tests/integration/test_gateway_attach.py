@@ -406,7 +406,12 @@ async def test_input_with_no_output_is_acked_alone_after_the_deferral(
         await _finish(gateway, created["id"])
 
 
-async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
+def _link_tasks() -> int:
+    """Tasks of this run working for an attached link now: its receiver or its sender."""
+    return tasks_in("receive_loop") + tasks_in("send_loop")
+
+
+async def test_an_idle_link_runs_no_task_and_is_still_pinged(
         make_gateway: GatewayFactory) -> None:
     limits = SessionLimits(heartbeat_interval_s=0.2)
     gateway = await make_gateway(session_limits=limits)
@@ -422,21 +427,25 @@ async def test_an_idle_link_runs_no_sender_task_and_is_still_pinged(
 
             nursery.start_soon(read)
             typed = b""
+            idle = gateway.gw.attach.idle
+            assert idle is not None
             for key in (b"a", b"b", b"c"):
-                await _wait_until(lambda: tasks_in("send_loop") == 0)  # idle: no sender task
+                # Idle: neither a sender nor a receiver task; the socket is
+                # watched by the server's one IdleSockets task.
+                await _wait_until(lambda: _link_tasks() == 0 and len(idle) == 1)
                 typed += key
                 await client.send_stdin(key)
                 await _wait_until(lambda t=typed: bytes(client.output) == t)
             # Heartbeats: the process's timer starts the sender for each PING,
-            # and the sender queues the next deadline; the client answers, so
-            # the link lives on through many intervals with no task of its own
-            # in between.
+            # and the sender queues the next deadline; the client answers (the
+            # PONG starts a receiver, which reads it and leaves), so the link
+            # lives on through many intervals with no task of its own in between.
             seen: set[float] = set()
             while len(seen) < 4:
                 if att.timer_at is not None:
                     seen.add(att.timer_at)
                 await trio.sleep(0.05)
-            await _wait_until(lambda: tasks_in("send_loop") == 0)
+            await _wait_until(lambda: _link_tasks() == 0 and len(idle) == 1)
             assert gateway.gw.counters.snapshot().heartbeat_failures == 0
             assert gateway.registry.get(created["id"]).writer is att  # still attached
             nursery.cancel_scope.cancel()
@@ -483,3 +492,55 @@ async def test_a_failing_sender_aborts_its_own_link_only(gateway: GatewayUnderTe
             await client.aclose()
         await _finish(gateway, good["id"])
         await _finish(gateway, bad["id"])
+
+
+async def test_a_quiet_link_ends_cleanly_whichever_side_ends_it(
+        make_gateway: GatewayFactory) -> None:
+    """A link with no task of its own (its socket watched) still ends completely:
+    the client's cut, a detach, a kill and the drain each reach it, and the
+    connection's counts and its address's share are given back."""
+    from podterm.config import LimitsConfig
+
+    gateway = await make_gateway(limits=LimitsConfig(max_connections_per_ip=2))
+    gw = gateway.gw
+    idle = gw.attach.idle
+    assert idle is not None
+
+    async def quiet_link() -> tuple[str, Any]:
+        created = await gateway.create(["cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
+        return created["id"], client
+
+    def released() -> bool:
+        return (len(idle) == 0 and gw._links == 0 and gw._connections == 0
+                and gw.clients.held("127.0.0.1") == 0)
+
+    with trio.fail_after(WAIT_S):
+        # 1. The client goes away without a word (a cut: the watcher sees the EOF).
+        session_id, client = await quiet_link()
+        await client.cut()
+        await _wait_until(released)
+        assert gateway.registry.get(session_id).writer is None  # detached, not ended
+        # Twice more than the address's cap of 2: every share was given back.
+        for _ in range(2):
+            again = await gateway.attach(session_id)
+            await again.wait_hello()
+            await _wait_until(lambda: len(idle) == 1)
+            await again.send_detach()  # 2. a detach wakes a receiver: 1000
+            assert await again.wait_closed() == 1000
+            await _wait_until(released)
+        # 3. A kill reaches it through the sender: EXIT, then 4410.
+        again = await gateway.attach(session_id)
+        await again.wait_hello()
+        await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
+        await _finish(gateway, session_id)
+        assert await again.wait_closed() == 4410
+        await _wait_until(released)
+        # 4. The drain: drain, then 1001, and the gateway stops.
+        _, client = await quiet_link()
+        gw.shutdown("test drain")
+        assert await client.wait_closed() == 1001
+        await gateway.finished.wait()
+        assert released()

@@ -9,6 +9,7 @@ that cuts the connection between the data and the EOF.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -93,11 +94,15 @@ async def test_eof_across_a_cut_between_data_and_eof(gateway: GatewayUnderTest) 
 
 
 async def test_resume_after_the_eof_was_applied_says_stdin_closed(
-        gateway: GatewayUnderTest) -> None:
+        gateway: GatewayUnderTest, tmp_path: Path) -> None:
     """hello.stdin_closed tells a resuming writer not to re-send; a repeat is still harmless."""
+    # The process lives on until the test has re-sent (the flag file): its
+    # EXIT must not close the resumed link before the re-sends are written.
+    flag = tmp_path / "resent"
     with trio.fail_after(WAIT_S):
-        created = await gateway.create(["sh", "-c", "cat; echo EOF-SEEN; read -r x; echo x=$x"],
-                                       tty=False)
+        created = await gateway.create(
+            ["sh", "-c", f"cat; echo EOF-SEEN; while [ ! -e {flag} ]; do sleep 0.01; done; "
+                         "read -r x; echo x=$x"], tty=False)
         first = await gateway.attach(created["id"])
         hello = await first.wait_hello()
         await first.send_stdin(b"one\n")
@@ -110,6 +115,8 @@ async def test_resume_after_the_eof_was_applied_says_stdin_closed(
         assert resumed.stdin_closed is True and resumed.in_acked == 4
         await _send_eof(second, 4)  # a client that re-sends anyway: ignored
         await second.send_stdin(b"late\n")  # past the EOF: acknowledged, discarded
+        await second.wait_for(lambda c: 9 in c.in_acks)  # both taken (and dropped)
+        flag.touch()
         assert await second.wait_closed() == CloseCode.NORMAL
         assert second.exit is not None and second.exit.code == 0
         assert bytes(first.output) + bytes(second.output) == b"one\nEOF-SEEN\nx=\n"

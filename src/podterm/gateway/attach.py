@@ -50,6 +50,7 @@ When the link ends for any reason the attachment is removed from the session
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import re
@@ -67,9 +68,10 @@ from podterm.errors import (
     PodtermError,
     ProtocolViolation,
 )
-from podterm.gateway.http import Upgraded, error_code
+from podterm.gateway.http import LivesOn, Upgraded, error_code
 from podterm.gateway.router import Call
 from podterm.metrics import GatewayCounters
+from podterm.net.idle import IdleSockets
 from podterm.net.wsconn import ConnectionClosed, WebSocketStream, accept_on
 from podterm.protocol._types import Buffer
 from podterm.protocol.events import Ack, Detach, ErrorMsg, Event, Gap, Resize, Stdin, StdinEof
@@ -149,7 +151,7 @@ class AttachHandler:
         auditor: audits refused attaches and protocol violations (None: not audited).
     """
 
-    __slots__ = ("registry", "counters", "ws_limits", "origin_ok", "auditor")
+    __slots__ = ("registry", "counters", "ws_limits", "origin_ok", "auditor", "idle")
 
     def __init__(self, registry: SessionRegistry, counters: GatewayCounters, *,
                  ws_limits: WsLimits | None = None,
@@ -160,6 +162,9 @@ class AttachHandler:
         self.ws_limits = ws_limits or WsLimits()
         self.origin_ok = origin_ok
         self.auditor = auditor
+        #: The server's watcher of quiet sockets (set while it serves): idle
+        #: links then keep no receiver task.  None: every link keeps one.
+        self.idle: IdleSockets | None = None
 
     def __repr__(self) -> str:
         return f"<AttachHandler {self.registry!r}>"
@@ -206,7 +211,7 @@ class AttachHandler:
         # The relay runs once the HTTP layer has let go of the request.
         return Upgraded(functools.partial(relay, ws, session, mode=mode, offset=offset,
                                           resume_token=token, counters=self.counters,
-                                          auditor=auditor))
+                                          auditor=auditor, idle=self.idle))
 
 
 async def _refuse(ws: WebSocketStream, exc: PodtermError, code: str) -> None:
@@ -222,14 +227,18 @@ async def _refuse(ws: WebSocketStream, exc: PodtermError, code: str) -> None:
 
 async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: int,
                 resume_token: str | None, counters: GatewayCounters,
-                auditor: Auditor | None = None) -> None:
-    """Attach ``ws`` to ``session`` and relay until the link ends.
+                auditor: Auditor | None = None, idle: IdleSockets | None = None
+                ) -> LivesOn | None:
+    """Attach ``ws`` to ``session`` and relay until the link ends, or until it is idle.
 
     With ``auditor``, a protocol violation that closes the link is a
     ``protocol.reject`` (the attach and detach events come from the session).
+    With ``idle``, the receiver leaves its task while the socket is quiet
+    (see "The relay"): this returns the link (a :class:`LivesOn`) then, and
+    the link goes on without the caller's task.
 
-    Resource handling: ``ws`` is closed before this returns; the attachment
-    is removed from the session whatever happens.
+    Resource handling: ``ws`` is closed by the time the link has ended; the
+    attachment is removed from the session whatever happens.
     """
     try:
         att = session.attach(mode, offset, resume_token)
@@ -237,53 +246,49 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
         code = getattr(exc, "error_code", None) or error_code(exc.http_status)
         GatewayCounters.bump(counters.handshake_failures, code)
         await _refuse(ws, exc, code)
-        return
+        return None
     GatewayCounters.bump(counters.attaches, mode.value)
     if att.resumed:
         counters.resumes += 1
-    link = _Link(ws, att, counters, auditor)
-    # The sender runs only while something is due (att.starter), beside this
-    # task (the receiver) in the nursery that runs it: the server's, for
-    # every connection.  No nursery per link (~1.3 KiB of an idle session).
+    # The link's tasks run in the nursery that runs this one: the server's,
+    # for every connection.  No nursery per link (~1.3 KiB of an idle session).
     home = trio.lowlevel.current_task().parent_nursery
     assert home is not None
-    try:
-        att.starter = functools.partial(home.start_soon, link.run_sender)
-        att.parked = True
-        att.wake()  # the hello (and whatever else is queued)
-        await link.receive_loop()
-        # The receiver stopped (the peer left or is closing, a violation,
-        # a detach): the sender finishes (CLOSE, EXIT) and ends the link.
-        att.wake()
-        await link.wait_until(lambda: link.sender_done)
-        if link.failed:  # (logged by the sender)
-            with trio.CancelScope(shield=True):
-                await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
-    except Exception:
-        log.exception("session.attach.failed %s", session.id)
-        with trio.CancelScope(shield=True):
-            await ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
-    finally:
-        att.flush = None
-        att.starter = None
-        if att.timer_at is not None:
-            deadline_timer().cancel(att)  # not held until its next PING was due
-        session.detach(att)
-        # Idempotent: after a close handshake this only makes sure the
-        # stream is closed; after a lost connection it closes the socket.
-        with trio.CancelScope(shield=True):
-            await ws.abort(CloseCode.GOING_AWAY, "")
+    link = _Link(ws, att, counters, auditor, home=home, idle=idle)
+    # Every task of the link runs in this request's context (its request id,
+    # identity and client address for the audit), whoever starts it.
+    att.starter = functools.partial(link.context.run, home.start_soon, link.run_sender)
+    att.parked = True
+    att.wake()  # the hello (and whatever else is queued)
+    if await link.run_receiver():
+        return link  # idle: the watcher starts a receiver when the client writes
+    return None
 
 
-class _Link:
-    """The two directions of one attached connection (see the module docstring)."""
+class _Link(LivesOn):
+    """The two directions of one attached connection (see the module docstring).
+
+    Who ends it: the receiver task when it stops (the peer left or is
+    closing, a violation, a detach) waits for the sender to finish (CLOSE,
+    EXIT), then closes the link (:meth:`_finish`); when the sender ends the
+    link first (a dead peer, a close it sent), it stops the receiver, and
+    closes the link itself if no receiver task is left to.
+    """
 
     __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
-                 "auditor", "sender_done", "failed", "_lot")
+                 "auditor", "sender_done", "failed", "_lot", "home", "idle", "rx_fd",
+                 "finished", "_on_end", "context")
 
     def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
-                 auditor: Auditor | None = None) -> None:
+                 auditor: Auditor | None = None, *, home: trio.Nursery,
+                 idle: IdleSockets | None = None) -> None:
         self.auditor = auditor
+        self.home = home  # where the link's tasks run
+        self.context = contextvars.copy_context()  # and in what context (the request's)
+        self.idle = idle  # the watcher of quiet sockets, if the receiver may leave
+        self.rx_fd = -1  # the socket handed to ``idle`` (no receiver task meanwhile)
+        self.finished = False
+        self._on_end: list[Callable[[], None]] | None = None
         self.ws = ws
         self.att = att
         self.session = att.session
@@ -293,8 +298,9 @@ class _Link:
         self.hb = Heartbeat(limits.heartbeat_interval_s, max_missed=limits.heartbeat_max_missed,
                             now=trio.current_time())
         ws.heartbeat = self.hb  # the reader hands PONGs to it
-        self.rx_scope = trio.CancelScope()
-        self.rx_done = False  # the receiver stopped
+        # The running receiver's scope (the sender stops it); None between tasks.
+        self.rx_scope: trio.CancelScope | None = None
+        self.rx_done = False  # the receiver stopped for good
         self.sender_done = False  # the sender has ended the link
         self.failed = False  # the sender raised (a bug: logged, the link aborted)
         # Whoever waits for one of the two flags (wait_until), made on first use.
@@ -315,24 +321,73 @@ class _Link:
 
     # -------------------------------------------------------------- receiver
 
-    async def receive_loop(self) -> None:
-        """Read batches and apply them; on any end, tell the sender why."""
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """:class:`LivesOn`: call ``callback()`` once the link has ended (its stream closed)."""
+        if self.finished:
+            _call_quietly(callback)
+            return
+        if self._on_end is None:
+            self._on_end = []
+        self._on_end.append(callback)
+
+    async def run_receiver(self) -> bool:
+        """A receiver task: the connection's own first, then one per burst of input.
+
+        Returns True when it left with the socket quiet (handed to
+        :attr:`idle`); otherwise the link has ended, and is closed, when it
+        returns.
+        """
+        parked = False
+        try:
+            parked = await self.receive_loop()
+            if not parked:
+                # The receiver stopped (the peer left or is closing, a
+                # violation, a detach): the sender finishes (CLOSE, EXIT) and
+                # ends the link.
+                self.att.wake()
+                await self.wait_until(lambda: self.sender_done)
+                if self.failed:  # (logged by the sender)
+                    await self._abort_internal()
+        except Exception:
+            log.exception("session.attach.failed %s", self.session.id)
+            await self._abort_internal()
+        finally:
+            if not parked:
+                await self._finish()
+        return parked
+
+    async def _receiver_task(self) -> None:
+        await self.run_receiver()
+
+    async def receive_loop(self) -> bool:
+        """Read batches and apply them: False when the receiving is over (the sender
+        is told why), True when the socket went quiet and was handed to :attr:`idle`."""
         ws = self.ws
         att = self.att
         session = self.session
         decode = self.codec.receive_message
+        parked = False
+        scope = self.rx_scope = trio.CancelScope()
+        if self.sender_done:
+            scope.cancel()  # (started by the watcher just before the link ended)
         try:
-            with self.rx_scope:
-                await self._receive(ws, att, session, decode)
+            with scope:
+                parked = await self._receive(ws, att, session, decode)
         finally:
-            self.rx_done = True
-            self._flagged()
+            self.rx_scope = None
+            if not parked:
+                self.rx_done = True
+                self._flagged()
+        return parked
 
     async def _receive(self, ws: WebSocketStream, att: Attachment, session: Session,
-                       decode: Callable[[int, bytes], list[Event]]) -> None:
+                       decode: Callable[[int, bytes], list[Event]]) -> bool:
+        idle = self.idle
         try:
             while att.close is None:
-                batch = await ws.receive_batch()
+                if idle is not None and ws.idle() and self._park_receiver(idle):
+                    return True
+                batch = await ws.receive_batch(until_idle=idle is not None)
                 for opcode, payload in batch:
                     for event in decode(opcode, payload):
                         if type(event) is Stdin:
@@ -367,6 +422,66 @@ class _Link:
             att.mark_gone()
             if exc.code in (1002, 1007, 1009) and ws.conn.close_received is None:  # bad frames
                 self._rejected(ProtocolViolation(exc.reason or "invalid frame", exc.code))
+        return False
+
+    def _park_receiver(self, idle: IdleSockets) -> bool:
+        """Hand the quiet socket to the watcher; True: this receiver task may end."""
+        if self.sender_done or self.att.gone:
+            return False
+        fd = self.ws.socket_fd()
+        if not idle.watch(fd, self._input_came):
+            return False
+        self.rx_fd = fd
+        return True
+
+    def _input_came(self) -> None:
+        """The watcher's call: the quiet socket has bytes (or an EOF); read them."""
+        self.rx_fd = -1
+        self.ws.readable()
+        try:
+            self.context.run(self.home.start_soon, self._receiver_task)
+        except RuntimeError:  # the server's nursery closed (it stopped): nobody reads
+            self.rx_done = True
+            self.att.mark_gone()
+
+    def _stop_receiver(self) -> None:
+        """Stop receiving for good (the sender ends or closes the link)."""
+        if self.rx_fd >= 0:  # quiet: no task to stop
+            assert self.idle is not None
+            self.idle.forget(self.rx_fd)
+            self.rx_fd = -1
+            self.rx_done = True
+            self._flagged()
+        elif self.rx_scope is not None:
+            self.rx_scope.cancel()
+
+    async def _abort_internal(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.ws.abort(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+
+    async def _finish(self) -> None:
+        """Close the link (once): out of the session, the stream closed, the callbacks."""
+        if self.finished:
+            return
+        self.finished = True
+        att = self.att
+        att.flush = None
+        att.starter = None
+        if att.timer_at is not None:
+            deadline_timer().cancel(att)  # not held until its next PING was due
+        if self.rx_fd >= 0 and self.idle is not None:
+            self.idle.forget(self.rx_fd)
+            self.rx_fd = -1
+        try:
+            self.session.detach(att)
+        finally:
+            # Idempotent: after a close handshake this only makes sure the
+            # stream is closed; after a lost connection it closes the socket.
+            with trio.CancelScope(shield=True):
+                await self.ws.abort(CloseCode.GOING_AWAY, "")
+            callbacks, self._on_end = self._on_end, None
+            for callback in callbacks or ():
+                _call_quietly(callback)
 
     def _rejected(self, exc: PodtermError) -> None:
         if self.auditor is not None:
@@ -391,16 +506,22 @@ class _Link:
             ended = True
         except BaseException:
             self._ended()
+            if self.rx_done:
+                await self._finish()  # (shielded)
             raise
         if ended:
             self._ended()
+            if self.rx_done:  # no receiver task is left to close the link
+                if self.failed:
+                    await self._abort_internal()
+                await self._finish()
 
     def _ended(self) -> None:
         self.att.starter = None  # never started again
         self.att.parked = False
         self.sender_done = True
         self._flagged()
-        self.rx_scope.cancel()  # (the receiver may still be reading: stop it)
+        self._stop_receiver()  # (the receiver may still be reading, or be quiet)
 
     async def send_loop(self) -> bool:
         """Send whatever is due, one write per batch; True once the link is over.
@@ -423,8 +544,10 @@ class _Link:
             if att.gone:
                 return True
             if ws.conn.close_sent is not None:  # the receiver is sending the CLOSE (a
-                await self.wait_until(lambda: self.rx_done)  # violation, the peer's CLOSE):
-                return True  # nothing more to send
+                if self.rx_fd >= 0:  # violation, the peer's CLOSE): nothing more to send
+                    self._stop_receiver()
+                await self.wait_until(lambda: self.rx_done)
+                return True
                 return True
             parts: list[Buffer] = []
             # 1. notices: hello, gap, drain, error.
@@ -596,7 +719,7 @@ class _Link:
         ws = self.ws
         # The close handshake reads the peer's CLOSE itself: stop the receiver
         # first, and wait until it has stopped, so that exactly one task reads.
-        self.rx_scope.cancel()
+        self._stop_receiver()
         with trio.move_on_after(ws.close_timeout_s):
             await self.wait_until(lambda: self.rx_done)
         await ws.aclose(code, reason)
@@ -604,3 +727,10 @@ class _Link:
         if (att.exit_sent and code == CloseCode.NORMAL
                 and ws.conn.close_received is not None):
             self.session.exit_delivered(att)
+
+
+def _call_quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - a caller's bookkeeping must not break the link's end
+        log.exception("session.attach.on_end_failed %r", callback)

@@ -63,6 +63,7 @@ __all__ = [
     "ERROR_CODES",
     "Exchange",
     "HttpLimits",
+    "LivesOn",
     "Request",
     "Response",
     "Upgraded",
@@ -221,17 +222,36 @@ class Response:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
 
+class LivesOn:
+    """What an :class:`Upgraded` run returns when the connection outlives its task.
+
+    An attached link whose socket is quiet keeps no task (``podterm.net.idle``):
+    its run returns this instead of None, the stream still open and owned by
+    the link.  Whoever ran it must not close the stream, and moves what it
+    would have done at the connection's end (counters, a per-address share)
+    to :meth:`on_end`.
+    """
+
+    __slots__ = ()
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the connection has ended (at once if it has)."""
+        raise NotImplementedError
+
+
 class Upgraded:
     """A handler took the connection over (a WebSocket upgrade).
 
     Attributes:
         run: what serves the connection from now on (it owns the stream and
             closes it); None when the upgrade was answered and closed already.
+            It returns None once the connection is over, or a
+            :class:`LivesOn` when the connection goes on without its task.
     """
 
     __slots__ = ("run",)
 
-    def __init__(self, run: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(self, run: Callable[[], Awaitable[LivesOn | None]] | None) -> None:
         self.run = run
 
     def __repr__(self) -> str:
@@ -792,10 +812,12 @@ _ACCEPT_RETRY_S = 0.100
 
 async def _run_handler(stream: trio.abc.Stream,
                        handler: Callable[[trio.abc.Stream], Awaitable[object]]) -> None:
+    lives_on = False
     try:
-        await handler(stream)
+        lives_on = isinstance(await handler(stream), LivesOn)
     finally:
-        await aclose_unless_closed(stream)
+        if not lives_on:  # (else the connection's link closes it)
+            await aclose_unless_closed(stream)
 
 
 #: Connections taken from the accept queue per trip through trio's scheduler.

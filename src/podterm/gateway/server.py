@@ -11,8 +11,10 @@ The task tree (STYLE.md §2; every task has a parent)::
     ├── _watch_signals                     SIGTERM/SIGINT → drain (main thread only)
     ├── _accept_loop                       serve_listeners (http.py); cancelled first on drain
     └── connection nursery                 one task per connection: HTTP, or an
-        └── [PROXY header →] serve_http → router → ...
-                                           attachment's receiver (+ its sender)
+        ├── [PROXY header →] serve_http → router → ...
+        │                                  attachment's receiver (+ its sender),
+        │                                  each only while something is due
+        └── IdleSockets.run                the quiet links' sockets (no task each)
 
 ``await nursery.start(serve, config)`` returns a :class:`Gateway` once the
 listeners are bound (its ``url``, ``port``, ``admin_token`` and ``registry``),
@@ -71,6 +73,7 @@ from podterm.gateway.handoff import handoff_path, serve_handoffs
 from podterm.gateway.http import (
     Exchange,
     HttpLimits,
+    LivesOn,
     Request,
     Response,
     Upgraded,
@@ -97,6 +100,7 @@ from podterm.gcprofile import GcController
 from podterm.metrics import CONTENT_TYPE, GatewayCounters, LoopLagProbe, MetricFamily
 from podterm.net.clientaddr import ClientAddressPolicy, PrefixedStream, resolve_connection
 from podterm.net.hostport import join_host_port
+from podterm.net.idle import IdleSockets
 from podterm.net.tls import CertReloader, server_context
 from podterm.protocol.handshake import OriginPolicy
 from podterm.protocol.proxy_header import ProxyResult
@@ -512,16 +516,24 @@ class Gateway:
         if run is None:
             return upgraded
 
-        async def counted() -> None:
+        async def counted() -> LivesOn | None:
             self._links += 1
+            lives_on: LivesOn | None = None
             try:
-                await run()
+                lives_on = await run()
+                return lives_on
             finally:
-                self._links -= 1
-                if self._links == 0:
-                    self._links_lot.unpark_all()
+                if lives_on is not None:
+                    lives_on.on_end(self._link_ended)  # the link outlives this task
+                else:
+                    self._link_ended()
 
         return Upgraded(counted)
+
+    def _link_ended(self) -> None:
+        self._links -= 1
+        if self._links == 0:
+            self._links_lot.unpark_all()
 
     async def _metrics(self, call: Call) -> Response:
         """``/metrics``: this process's families (with workers, every worker's: peers.py)."""
@@ -564,10 +576,16 @@ class Gateway:
         self.clients.count_request(request.client.via.value)
         return await self.router(request, stream, conn)
 
-    async def _handle(self, stream: trio.abc.Stream, *, peer_link: bool = False) -> None:
+    async def _handle(self, stream: trio.abc.Stream, *, peer_link: bool = False
+                      ) -> LivesOn | None:
         """Serve one connection; ``peer_link``: accepted on the worker's peer listener
         (no PROXY header there, and no per-address cap: every peer link of a
-        machine's workers comes from one address)."""
+        machine's workers comes from one address).
+
+        Returns a :class:`LivesOn` when an attached link goes on without this
+        task (it closes the stream, and releases the connection's counts, at
+        its end); None once the connection is over.
+        """
         sock = getattr(stream, "socket", None) or getattr(
             getattr(stream, "transport_stream", None), "socket", None)
         peer_addr: tuple[Any, ...] = ("?", 0)
@@ -592,7 +610,7 @@ class Gateway:
                     await trio.aclose_forcefully(stream)
                 raise
             if received is None:
-                return  # refused (400 on plain HTTP), counted and closed
+                return None  # refused (400 on plain HTTP), counted and closed
             proxy, stream = received
             if self.ssl_context is not None:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True,
@@ -603,8 +621,9 @@ class Gateway:
             # refuse this connection before reading any HTTP.  Keyed on the
             # client, not the socket peer: behind a balancer that is the balancer.
             await self._refuse_over_cap(stream, str(client), client.ip)
-            return
+            return None
         self._connections += 1
+        lives_on: LivesOn | None = None
         try:
             upgraded = await serve_http(stream, self._dispatch, limits=self.http_limits,
                                         counters=self.counters,
@@ -616,9 +635,10 @@ class Gateway:
                                             self._tls_rejected, str(client)))
             if upgraded is not None and upgraded.run is not None:
                 try:
-                    await upgraded.run()
+                    lives_on = await upgraded.run()
                 finally:
-                    await aclose_unless_closed(stream)  # shielded
+                    if lives_on is None:
+                        await aclose_unless_closed(stream)  # shielded
         except Exception:
             # A bug ends only its own connection (STYLE.md §3), never the gateway.
             log.exception("gateway.connection.failed", extra={"peer": str(client),
@@ -626,9 +646,17 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
         finally:
-            self._connections -= 1
-            if not peer_link:
-                self.clients.release(client.ip)
+            ended = functools.partial(self._connection_ended, None if peer_link else client.ip)
+            if lives_on is not None:
+                lives_on.on_end(ended)
+            else:
+                ended()
+        return lives_on
+
+    def _connection_ended(self, ip: str | None) -> None:
+        self._connections -= 1
+        if ip is not None:
+            self.clients.release(ip)
 
     async def _handle_handoff(self, stream: trio.SocketStream, head: bytes,
                               client: tuple[str, str]) -> None:
@@ -643,10 +671,14 @@ class Gateway:
         if not self.clients.acquire(ip, via):
             await self._refuse_over_cap(stream, ip, ip)
             return
+        lives_on: LivesOn | None = None
         try:
-            await self._handle(PrefixedStream(stream, head), peer_link=True)
+            lives_on = await self._handle(PrefixedStream(stream, head), peer_link=True)
         finally:
-            self.clients.release(ip)
+            if lives_on is not None:
+                lives_on.on_end(functools.partial(self.clients.release, ip))
+            else:
+                self.clients.release(ip)
 
     async def _refuse_over_cap(self, stream: trio.abc.Stream, source: str, ip: str) -> None:
         """``429`` (``Retry-After: 1``) and a ``protocol.reject`` event for a connection
@@ -851,6 +883,12 @@ class Gateway:
                         threading.main_thread():
                     root.start_soon(self._watch_signals)
                 async with trio.open_nursery() as connections:
+                    # Quiet attached links keep no receiver task: this one task
+                    # watches their sockets (net/idle.py).  Cancelled with the
+                    # connections, it hands every link it holds back to them.
+                    idle = IdleSockets()
+                    await connections.start(idle.run)
+                    self.attach.idle = idle
                     accept_scope = trio.CancelScope()
 
                     async def accept() -> None:
@@ -889,6 +927,7 @@ class Gateway:
                     await self._shutdown.wait()
                     await self._drain()
                     accept_scope.cancel()
+                    self.attach.idle = None
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         except* StoreError as group:

@@ -219,13 +219,19 @@ class WebSocketStream:
 
     # ------------------------------------------------------------------ reading
 
-    async def receive_batch(self) -> list[Message]:
+    async def receive_batch(self, *, until_idle: bool = False) -> list[Message]:
         """Return every data message completed by the next socket read.
 
         One call does one ``receive_some`` (more only if a read completed no
         data message, e.g. a lone PING or half a frame).  The list holds
         ``(opcode, payload)`` tuples: ``OP_TEXT`` payloads are validated UTF-8
         bytes, not decoded.  PINGs are answered, PONGs go to the heartbeat.
+
+        ``until_idle``: on a plain socket, return an empty list instead of
+        waiting when the socket has nothing to read (:meth:`idle` is then
+        True: the caller may hand the socket to an
+        :class:`~podterm.net.idle.IdleSockets` and call again once it is
+        readable, after :meth:`readable`).
 
         Raises:
             ConnectionClosed: the peer closed (its CLOSE echoed first), broke
@@ -250,7 +256,10 @@ class WebSocketStream:
                 try:
                     stream = self.stream
                     if type(stream) is trio.SocketStream:
-                        data = await self._recv_socket(stream.socket)
+                        got = await self._recv_socket(stream.socket, wait=not until_idle)
+                        if got is None:
+                            return []  # nothing to read now (until_idle)
+                        data = got
                     else:
                         data = await stream.receive_some(self._read_size)
                 except trio.BrokenResourceError as exc:
@@ -274,20 +283,23 @@ class WebSocketStream:
                     return events  # type: ignore[return-value]  # all data messages
                 continue
             batch = await self._after_control(events)
-            if batch:
-                return batch
+            if batch or (until_idle and self._drained):
+                return batch  # (empty: a PONG alone, and the socket is empty now)
 
-    async def _recv_socket(self, sock: trio.socket.SocketType) -> bytes:
+    async def _recv_socket(self, sock: trio.socket.SocketType, *, wait: bool = True
+                           ) -> bytes | None:
         """``SocketStream.receive_some`` for the reader, without its per-call wrappers.
 
         The same checkpoints (a cancellation check first, a yield when data was
         there at once) and errors (ClosedResourceError for a closed socket,
         BrokenResourceError for any other failure); the caller holds the
-        read slot.
+        read slot.  Without ``wait``, None instead of waiting for data.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         size = self._read_size
+        if self._drained and not wait:
+            return None
         if self._drained:
             # The latest read emptied the socket: a read now would most likely
             # fail (EAGAIN raised and caught, a wasted system call: two per
@@ -303,6 +315,9 @@ class WebSocketStream:
             try:
                 data = os.read(fd, size)
             except BlockingIOError:
+                if not wait:
+                    self._drained = True
+                    return None
                 await trio.lowlevel.wait_readable(sock)
                 waited = True
                 continue
@@ -314,6 +329,25 @@ class WebSocketStream:
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+
+    def idle(self) -> bool:
+        """True when nothing is left to read but what the socket will bring.
+
+        A plain socket whose latest read emptied it, nothing read ahead, no
+        task reading, the connection open: its reader may leave (see
+        ``until_idle`` in :meth:`receive_batch`).
+        """
+        return (self._drained and type(self.stream) is trio.SocketStream and not self._initial
+                and not self._reading and self._close_info is None and not self._eof)
+
+    def socket_fd(self) -> int:
+        """The plain socket's descriptor (-1 for any other stream, or once closed)."""
+        stream = self.stream
+        return stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+
+    def readable(self) -> None:
+        """The socket has data (an idle watcher said so): the next read tries it first."""
+        self._drained = False
 
     async def _after_control(self, events: list) -> list[Message]:  # type: ignore[type-arg]
         """Slow path of a read that held control frames, a CLOSE or a failure."""

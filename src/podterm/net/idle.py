@@ -1,0 +1,111 @@
+"""Sockets that nobody reads while they are quiet: one task watches them all.
+
+A trio task parked in ``wait_readable`` costs about 4.5 KiB: the task, the
+coroutine frames from the connection handler down to trio's epoll wait, and
+the cancel scope its owner keeps to stop it.  An attached session is idle
+most of its life, so the relay lets its receiver task *end* when the socket
+has nothing more to read (:meth:`IdleSockets.watch`), and this watcher calls
+it back when the next byte (or the peer's FIN) arrives: the relay then starts
+a receiver task again.  An idle link costs no task at all.
+
+The watcher keeps an epoll set of its own, which trio watches like any other
+descriptor (one task, one descriptor for the process, however many sockets).
+Each socket is registered one-shot: it calls back once, then stays silent
+until it is watched again.  Only plain sockets can be watched: a TLS stream
+may hold decrypted bytes the socket no longer shows, so its reader stays.
+
+Lifetime: :meth:`run` in the nursery of the connections it serves.  When it is
+cancelled (the gateway stops), every socket still watched is called back at
+once, from the nursery that is being cancelled: each owner then starts its
+reader task, which meets the cancellation and closes the link as any other
+task of that nursery does.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections.abc import Callable
+
+import trio
+
+__all__ = ["IdleSockets"]
+
+log = logging.getLogger(__name__)
+
+_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+#: Ready sockets taken per wake-up (more wait for the next round).
+_MAX_EVENTS = 1024
+
+
+class IdleSockets:
+    """Call back the owner of each watched socket when it becomes readable (or hangs up)."""
+
+    __slots__ = ("_epoll", "_callbacks", "_closed")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Sockets watched now."""
+        return len(self._callbacks)
+
+    def __repr__(self) -> str:
+        return f"<IdleSockets watching {len(self._callbacks)}>"
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` once when ``fd`` is readable; False (not watched) if it cannot be.
+
+        ``callback`` runs in the watcher's task: it must not block or raise.
+        The owner must :meth:`forget` the descriptor before closing it.
+        """
+        if self._closed or fd < 0 or fd in self._callbacks:
+            return False
+        try:
+            try:
+                self._epoll.modify(fd, _EVENTS)  # re-armed (one-shot leaves it registered)
+            except FileNotFoundError:
+                self._epoll.register(fd, _EVENTS)
+        except OSError as exc:  # closed meanwhile, or not pollable
+            log.debug("idle.watch %d: %s", fd, exc)
+            return False
+        self._callbacks[fd] = callback
+        return True
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (its owner reads it again, or closes it): no callback."""
+        if self._callbacks.pop(fd, None) is not None and not self._closed:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the set
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Watch until cancelled; then call every owner back (see the module docstring)."""
+        epoll = self._epoll
+        callbacks = self._callbacks
+        task_status.started()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0, _MAX_EVENTS):
+                    callback = callbacks.pop(fd, None)  # (one-shot: it stays disarmed)
+                    if callback is not None:
+                        _call(callback)
+        finally:
+            self._closed = True
+            waiting = list(callbacks.values())
+            callbacks.clear()
+            epoll.close()
+            for callback in waiting:
+                _call(callback)
+
+
+def _call(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - one owner's bug must not stop the others' callbacks
+        log.exception("idle.callback_failed %r", callback)

@@ -1,0 +1,80 @@
+"""``IdleSockets``: one task calls back the owner of each quiet socket when it is readable."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from podterm.net.idle import IdleSockets
+
+pytestmark = pytest.mark.trio
+
+
+async def test_the_first_byte_calls_back_once_and_only_the_socket_that_got_it() -> None:
+    idle = IdleSockets()
+    pairs = [socket.socketpair() for _ in range(3)]
+    called: list[int] = []
+    got = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(idle.run)
+            for i, (ours, _) in enumerate(pairs):
+                assert idle.watch(ours.fileno(), lambda i=i: (called.append(i), got.set()))
+            assert len(idle) == 3
+            assert not idle.watch(pairs[0][0].fileno(), lambda: None)  # watched already
+            pairs[1][1].send(b"x")
+            with trio.fail_after(5):
+                await got.wait()
+            assert called == [1] and len(idle) == 2
+            # One-shot: more bytes call nobody until it is watched again.
+            pairs[1][1].send(b"y")
+            await trio.testing.wait_all_tasks_blocked()
+            assert called == [1]
+            got = trio.Event()
+            assert idle.watch(pairs[1][0].fileno(), lambda: (called.append(11), got.set()))
+            with trio.fail_after(5):
+                await got.wait()  # readable already: at once
+            assert called == [1, 11]
+            # Forgotten: no call, even for an EOF.
+            idle.forget(pairs[2][0].fileno())
+            pairs[2][1].close()
+            await trio.testing.wait_all_tasks_blocked()
+            assert called == [1, 11] and len(idle) == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+async def test_a_hang_up_calls_back_and_so_does_the_watchers_end() -> None:
+    idle = IdleSockets()
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    called: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(idle.run)
+            assert idle.watch(a.fileno(), lambda: called.append("hung up"))
+            assert idle.watch(c.fileno(), lambda: called.append("ended"))
+            b.close()  # the peer's FIN
+            await trio.testing.wait_all_tasks_blocked()
+            assert called == ["hung up"]
+            nursery.cancel_scope.cancel()
+        # Cancelled: whoever was still watched is called back, so that it can
+        # end its connection; nothing can be watched any more.
+        assert called == ["hung up", "ended"]
+        assert not idle.watch(a.fileno(), lambda: None)
+    finally:
+        for s in (a, c, d):
+            s.close()
+
+
+async def test_what_cannot_be_watched_is_refused() -> None:
+    idle = IdleSockets()
+    assert not idle.watch(-1, lambda: None)
+    with open("/dev/null", "rb") as regular:  # epoll refuses regular files
+        assert not idle.watch(regular.fileno(), lambda: None)
+    assert len(idle) == 0
