@@ -9,11 +9,21 @@ conflict, 1008 ``bad_offset``, 4410 session ended.
 
 The relay
 ---------
-Each attached link has one task per direction, and no task, channel or lock
-per message (ARCHITECTURE.md "Data plane rules").  The receiver is the
-connection's own task, for the link's whole life; the sender runs only while
-something is due, and an idle link has none (``Attachment.starter``: the
-first wake-up after it returned starts it again):
+Each attached link has at most one task per direction, and no task, channel
+or lock per message (ARCHITECTURE.md "Data plane rules").  Each runs only
+while something is due, and an idle link has neither:
+
+* the receiver is the connection's own task at first; when its socket is
+  drained it hands the descriptor to the server's
+  :class:`~podterm.net.idle.IdleSockets` and ends (the connection's task
+  returns the link, a :class:`~podterm.gateway.http.LivesOn`), and the next
+  byte or the peer's FIN starts a receiver task again.  TLS and PROXY-wrapped
+  streams keep theirs (their buffers hide bytes from the socket);
+* the sender is started by the first wake-up after it returned
+  (``Attachment.starter``).
+
+The link is closed once (:meth:`_Link._finish`): by the receiver when it
+stops, or by the sender when it ends the link with no receiver task left.
 
 * the **receiver** reads a batch (every message of one socket read), decodes
   each with :class:`~podterm.protocol.session_proto.ServerCodec` and applies
