@@ -412,7 +412,10 @@ def _link_tasks() -> int:
 
 
 async def test_an_idle_link_runs_no_task_and_is_still_pinged(
-        make_gateway: GatewayFactory) -> None:
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from podterm.gateway import attach as attach_module
+
+    monkeypatch.setattr(attach_module, "LINGER_S", 0.2)  # a typing link parks soon after
     limits = SessionLimits(heartbeat_interval_s=0.2)
     gateway = await make_gateway(session_limits=limits)
     with trio.fail_after(WAIT_S):
@@ -544,3 +547,39 @@ async def test_a_quiet_link_ends_cleanly_whichever_side_ends_it(
         assert await client.wait_closed() == 1001
         await gateway.finished.wait()
         assert released()
+
+
+async def test_a_typing_link_keeps_its_receiver_until_it_has_been_quiet(
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parking per keystroke would cost a task start and two epoll changes each:
+    a link whose socket wakes soon after it was parked keeps its receiver, and
+    parks again at the first read (a PONG here) after LINGER_S without input."""
+    from podterm.gateway import attach as attach_module
+
+    monkeypatch.setattr(attach_module, "LINGER_S", 0.5)
+    gateway = await make_gateway(session_limits=SessionLimits(heartbeat_interval_s=0.2))
+    idle = gateway.gw.attach.idle
+    assert idle is not None
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:  # one reader: it answers every PING
+                while await client.pump():
+                    pass
+
+            nursery.start_soon(read)
+            await _wait_until(lambda: len(idle) == 1)  # quiet since the hello
+            typed = b""
+            for key in b"typing":
+                typed += bytes([key])
+                await client.send_stdin(bytes([key]))
+                await _wait_until(lambda t=typed: bytes(client.output) == t)
+            assert tasks_in("receive_loop") == 1 and len(idle) == 0  # busy: it stays
+            quiet = trio.current_time()
+            await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
+            assert trio.current_time() - quiet >= 0.5
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        await _finish(gateway, created["id"])

@@ -130,6 +130,13 @@ def _frame_head(length: int) -> bytes:
         return _HEAD_SHORT.pack(_FIN_BINARY, length)
     return _HEAD_MEDIUM.pack(_FIN_BINARY, 126, length)
 
+#: A quiet link's socket that wakes again within this long of being handed to
+#: the idle watcher marks the link busy: its receiver then stays in its task.
+BUSY_S = 1.0
+#: A busy link's receiver hands its socket back to the watcher at the first
+#: read after this long without a message (a heartbeat PONG at the latest).
+LINGER_S = 2.0
+
 _MAX_TOKEN_CHARS = 256
 _OFFSET_RE = re.compile(r"[0-9]{1,20}")
 
@@ -287,7 +294,7 @@ class _Link(LivesOn):
 
     __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
                  "auditor", "sender_done", "failed", "_lot", "home", "idle", "rx_fd",
-                 "finished", "_on_end", "context")
+                 "finished", "_on_end", "context", "busy", "last_input", "parked_at")
 
     def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
                  auditor: Auditor | None = None, *, home: trio.Nursery,
@@ -299,6 +306,12 @@ class _Link(LivesOn):
         self.rx_fd = -1  # the socket handed to ``idle`` (no receiver task meanwhile)
         self.finished = False
         self._on_end: list[Callable[[], None]] | None = None
+        # A busy link's receiver stays in its task (see _receive): parking
+        # costs a task start and two epoll changes per burst of input.
+        self.busy = False  # its socket woke again within BUSY_S of being parked
+        now = trio.current_time()
+        self.last_input = now  # the latest read that brought messages
+        self.parked_at = now
         self.ws = ws
         self.att = att
         self.session = att.session
@@ -395,9 +408,20 @@ class _Link(LivesOn):
         idle = self.idle
         try:
             while att.close is None:
-                if idle is not None and ws.idle() and self._park_receiver(idle):
-                    return True
+                if idle is not None and ws.idle():
+                    # A busy link (typing, streaming input) lingers: it waits
+                    # here for its next bytes (parking costs a task start and
+                    # two epoll changes per burst); once LINGER_S passed with
+                    # no message, the next read (a PONG at the latest) parks.
+                    if ((not self.busy or trio.current_time() - self.last_input >= LINGER_S)
+                            and self._park_receiver(idle)):
+                        return True
+                    # (or the link is ending, or the watcher stopped: wait here)
+                    await ws.wait_readable()
+                    ws.readable()
                 batch = await ws.receive_batch(until_idle=idle is not None)
+                if batch:
+                    self.last_input = trio.current_time()
                 for opcode, payload in batch:
                     for event in decode(opcode, payload):
                         if type(event) is Stdin:
@@ -442,11 +466,13 @@ class _Link(LivesOn):
         if not idle.watch(fd, self._input_came):
             return False
         self.rx_fd = fd
+        self.parked_at = trio.current_time()
         return True
 
     def _input_came(self) -> None:
         """The watcher's call: the quiet socket has bytes (or an EOF); read them."""
         self.rx_fd = -1
+        self.busy = trio.current_time() - self.parked_at < BUSY_S
         self.ws.readable()
         try:
             self.context.run(self.home.start_soon, self._receiver_task)

@@ -340,6 +340,23 @@ class WebSocketStream:
         return (self._drained and type(self.stream) is trio.SocketStream and not self._initial
                 and not self._reading and self._close_info is None and not self._eof)
 
+    async def wait_readable(self) -> None:
+        """Wait until the plain socket of an :meth:`idle` stream has bytes (or an EOF).
+
+        Holds the read slot while it waits, as a read does.
+        """
+        while self._reading:  # aclose() is reading the peer's CLOSE
+            await self._park_reader()
+        stream = self.stream
+        assert type(stream) is trio.SocketStream
+        self._reading = True
+        try:
+            await trio.lowlevel.wait_readable(stream.socket)
+        finally:
+            self._reading = False
+            if self._read_lot:
+                self._read_lot.unpark()
+
     def socket_fd(self) -> int:
         """The plain socket's descriptor (-1 for any other stream, or once closed)."""
         stream = self.stream
