@@ -460,6 +460,13 @@ def read_tracemalloc(gw: C.GatewayProcess, env: dict[str, str], sessions: int
                      for w, size, n in doc.get("ours", [])]}
 
 
+def _cpu_or_nan(pid: int) -> float:
+    try:
+        return C.cpu_seconds(pid)
+    except OSError:
+        return math.nan
+
+
 def open_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -568,12 +575,18 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 profile_path = C.RESULTS_DIR / "capacity-profile.txt"
                 spy = C.start_pyspy(gw.pid, profile_path, ns.measure)
             cpu0, wait0, wall0 = tree.cpu(), tree.sched_wait(), time.time()
+            # The rest of the machine's CPU in the same window: the load
+            # generators' and the echo agents' (all on the same cores).
+            harness = [g.proc.pid for g in gens] + [a.pid for a in upstream.agents]
+            harness0 = {pid: _cpu_or_nan(pid) for pid in harness}
             t0 = time.perf_counter()
             answers = broadcast(gens, [{"cmd": "type", "fraction": ns.typing_fraction,
                                         "seconds": ns.measure,
                                         "keys_per_s": ns.keys_per_s}] * len(gens))
             type_s = time.perf_counter() - t0
             type_cpu = tree.cpu() - cpu0
+            gens_cpu = sum(_cpu_or_nan(g.proc.pid) - harness0[g.proc.pid] for g in gens)
+            agents_cpu = sum(_cpu_or_nan(a.pid) - harness0[a.pid] for a in upstream.agents)
             sched_wait = tree.sched_wait() - wait0
             wall1 = time.time()
             metrics1 = scrape_metrics(gw.url)
@@ -606,6 +619,10 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 "gateway_cpu_type_s": type_cpu,
                 "gateway_idle_cpu_share": idle_cpu_rate,
                 "gateway_sched_wait_share": sched_wait / type_s,
+                # CPU shares of the typing window (1.0 = one core busy all along).
+                "cpu_share_gateway": type_cpu / type_s,
+                "cpu_share_load_generators": gens_cpu / type_s,
+                "cpu_share_agents": agents_cpu / type_s,
                 "cpu_ms_per_1000_keys": type_cpu / keys * 1e6 if keys else math.nan,
                 "net_cpu_ms_per_1000_keys": (type_cpu - idle_cpu_rate * type_s) / keys * 1e6
                 if keys else math.nan,
@@ -622,7 +639,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                        f"{C.fmt_ms(lat['p99.9'])}; {step['cpu_ms_per_1000_keys']:.0f} ms CPU "
                        f"per 1,000 keys ({step['net_cpu_ms_per_1000_keys']:.0f} net of idle); "
                        f"gateway waited for a CPU {step['gateway_sched_wait_share']:.0%} of the "
-                       "time")
+                       f"time; CPU in cores: gateway {step['cpu_share_gateway']:.2f}, load "
+                       f"generators {step['cpu_share_load_generators']:.2f}, agents "
+                       f"{step['cpu_share_agents']:.2f}")
         C.progress(f"echo check: every one of {sum(g.sessions for g in gens)} sessions types "
                    "one key")
         answers = broadcast(gens, [{"cmd": "echo_all", "timeout": ns.echo_timeout}] * len(gens))
@@ -654,7 +673,8 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     shells_label = "shells RSS (PSS)" if ns.upstream == "local" else "agents RSS (PSS)"
     headers = ["sessions", "opened/s", "gateway RSS", "RSS/session", shells_label,
                "typing", "keys", "RTT p50", "RTT p99", "RTT p99.9", "CPU ms/1k keys (net)",
-               "gateway idle CPU", "waited for CPU", "loop lag max"]
+               "gateway idle CPU", "waited for CPU", "cores: gateway/loadgens/agents",
+               "loop lag max"]
     if has_trace:
         headers += ["GC runs 0/1/2", "GC max pause"]
     if has_gc:
@@ -672,6 +692,8 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
                f"{C.fmt_num(s['cpu_ms_per_1000_keys'], 0)} "
                f"({C.fmt_num(s['net_cpu_ms_per_1000_keys'], 0)})",
                f"{s['gateway_idle_cpu_share']:.1%}", f"{s['gateway_sched_wait_share']:.0%}",
+               "/".join(f"{s.get(k, math.nan):.2f}" for k in (
+                   "cpu_share_gateway", "cpu_share_load_generators", "cpu_share_agents")),
                C.fmt_ms(s["loop_lag_max_s"])]
         if has_trace:
             trace = s.get("gc_trace") or {}
