@@ -1208,7 +1208,10 @@ class Session:
         if nursery is None:
             return
         self._parked = False
-        nursery.start_soon(self._live)
+        try:
+            nursery.start_soon(self._live)
+        except RuntimeError:  # the registry's nursery closed: the gateway has stopped
+            log.warning("session.wake_supervisor %s: the registry has stopped", self.id)
 
     def _park_supervisor(self, stream: UpstreamStream) -> bool:
         """Leave the supervisor's task if nothing can be due before a callback says so."""
