@@ -583,3 +583,47 @@ async def test_a_typing_link_keeps_its_receiver_until_it_has_been_quiet(
             nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
+
+
+async def test_an_idle_links_heartbeat_starts_no_task(
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PONG to a heartbeat PING is read by the idle watcher's call itself
+    (WebSocketStream.read_nowait): no receiver task per heartbeat; input that
+    comes the same way still reaches the session, once."""
+    from podterm.gateway import attach as attach_module
+
+    started: list[float] = []
+    original = attach_module._Link._receiver_task
+
+    async def counted(self: Any) -> None:
+        started.append(trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted)
+    gateway = await make_gateway(session_limits=SessionLimits(heartbeat_interval_s=0.1))
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        att = gateway.registry.get(created["id"]).writer
+        assert att is not None
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:  # one reader: it answers every PING
+                while await client.pump():
+                    pass
+
+            nursery.start_soon(read)
+            seen: set[float] = set()
+            while len(seen) < 6:  # six heartbeats, each answered
+                if att.timer_at is not None:
+                    seen.add(att.timer_at)
+                await trio.sleep(0.02)
+            assert started == []  # no receiver task for any PONG
+            assert gateway.gw.counters.snapshot().heartbeat_failures == 0
+            await client.send_stdin(b"after\n")  # bytes that need a reader: one starts
+            await _wait_until(lambda: bytes(client.output) == b"after\n")
+            # One for the input; another, once it parked, for the client's ACK of the echo.
+            assert 1 <= len(started) <= 2
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        await _finish(gateway, created["id"])

@@ -480,11 +480,15 @@ class _Link(LivesOn):
     def _input_came(self) -> None:
         """The watcher's call: the quiet socket has bytes (or an EOF); read them."""
         self.rx_fd = -1
+        ws = self.ws
+        ws.readable()
+        idle = self.idle
+        if ws.read_nowait() and idle is not None and self._park_receiver(idle):
+            return  # a heartbeat's PONG (or nothing): no receiver task needed
         if trio.current_time() - self.parked_at < BUSY_S:
             self.quick_wakes += 1
         else:
             self.quick_wakes = 0
-        self.ws.readable()
         try:
             self.context.run(self.home.start_soon, self._receiver_task)
         except RuntimeError:  # the server's nursery closed (it stopped): nobody reads

@@ -69,6 +69,7 @@ from podterm.protocol.websocket import (
     WebSocketConnection,
     WsLimits,
 )
+from podterm.protocol.websocket import Event as WsEvent
 from podterm.resilience.heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MAX_MISSED, Heartbeat
 
 __all__ = [
@@ -174,7 +175,7 @@ class WebSocketStream:
         "stream", "conn", "subprotocol", "heartbeat", "close_timeout_s",
         "_read_size", "_initial", "_close_info", "_eof", "_stream_closed",
         "_writing", "_write_lot", "_send_broken", "_reading", "_read_lot", "_pending_out",
-        "_drained",
+        "_drained", "_stashed",
     )
 
     def __init__(self, stream: trio.abc.Stream, conn: WebSocketConnection, *,
@@ -199,6 +200,9 @@ class WebSocketStream:
         self._stream_closed = False
         # The latest read took less than asked: the socket was empty then.
         self._drained = False
+        # Events read by read_nowait() that a reader must handle (and whether
+        # they hold control frames): receive_batch takes them first.
+        self._stashed: tuple[list[WsEvent], bool] | None = None
         self._writing = False
         self._write_lot: trio.lowlevel.ParkingLot | None = None  # created on first contention
         self._send_broken = False
@@ -243,6 +247,16 @@ class WebSocketStream:
         while True:
             if self._close_info is not None:
                 raise ConnectionClosed(*self._close_info)
+            stashed = self._stashed
+            if stashed is not None:  # read by read_nowait(): as if read now
+                self._stashed = None
+                events, saw_control = stashed
+                if not saw_control:
+                    return events  # type: ignore[return-value]  # all data messages
+                batch = await self._after_control(events)
+                if batch or (until_idle and self._drained):
+                    return batch
+                continue
             data: bytes | bytearray
             if self._initial:
                 data = self._initial
@@ -338,7 +352,47 @@ class WebSocketStream:
         ``until_idle`` in :meth:`receive_batch`).
         """
         return (self._drained and type(self.stream) is trio.SocketStream and not self._initial
-                and not self._reading and self._close_info is None and not self._eof)
+                and not self._reading and self._close_info is None and not self._eof
+                and self._stashed is None)
+
+    def read_nowait(self) -> bool:
+        """Read what an :meth:`idle` socket holds now, without waiting: the idle watcher's call.
+
+        True when it needs no reader: it held only PONGs (handed to the
+        heartbeat: an idle link's heartbeat costs no task), part of a frame,
+        or nothing, and the socket is empty again.  False when a reader must
+        run: what was read (data, a PING to answer, a CLOSE, an EOF, an error
+        to meet) is kept for its next :meth:`receive_batch`, as if read then.
+        """
+        stream = self.stream
+        if (type(stream) is not trio.SocketStream or self._reading or self._initial
+                or self._close_info is not None or self._eof or self._stashed is not None):
+            return False
+        fd = stream.socket.fileno()
+        if fd < 0:
+            return False
+        try:
+            data = os.read(fd, self._read_size)
+        except BlockingIOError:
+            self._drained = True
+            return True  # nothing after all
+        except OSError:
+            return False  # the reader meets the error
+        self._drained = len(data) < self._read_size
+        if not data:
+            self._eof = True
+        conn = self.conn
+        events = conn.receive_data(data)
+        saw_control = conn.saw_control
+        hb = self.heartbeat
+        if (data and self._drained and not conn.has_data_to_send and hb is not None
+                and all(type(ev) is tuple and ev[0] == OP_PONG for ev in events)):
+            now = trio.current_time()
+            for ev in events:
+                hb.on_pong(ev[1], now)  # type: ignore[index]
+            return True
+        self._stashed = (events, saw_control)
+        return False
 
     async def wait_readable(self) -> None:
         """Wait until the plain socket of an :meth:`idle` stream has bytes (or an EOF).
