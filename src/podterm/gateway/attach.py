@@ -616,8 +616,7 @@ class _Link(LivesOn):
                 # 4. EXIT after the last byte, then close 1000: when the
                 #    process exited by itself (a session being ended has
                 #    its status too, before it says why: EXIT then 4410).
-                if (not att.exit_sent and session.is_exited
-                        and session.exit_reason == "exited"
+                if (not att.exit_sent and session.exited_by_itself
                         and att.sent >= session.ring.end):
                     parts.append(self._exit_message("exited"))
                     att.close = (CloseCode.NORMAL, "session exited")

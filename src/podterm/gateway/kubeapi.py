@@ -1172,7 +1172,7 @@ class _Link:
         if session.writer is not self.att:
             return True, channel.status_failure("another client took over this session",
                                                 "Conflict", 409)
-        if session.is_exited and session.exit_reason == "exited":
+        if session.exited_by_itself:
             status = session.exit_status
             if self.options.subresource == "attach" or status is None:
                 return True, channel.status_success()  # §12: attach carries no exit code
@@ -1272,7 +1272,7 @@ async def k8s_relay(ws: WebSocketStream, session: Session, channel: K8sServerCha
             except Exception:
                 log.exception("kubeapi.relay.close_failed %s", session.id)
             session.detach(att)
-            if session.is_exited and session.exit_reason == "exited":
+            if session.exited_by_itself:
                 session.exit_delivered(att)  # the session may end now
             elif link.violation is not None:
                 session.kill("protocol_error")

@@ -489,10 +489,16 @@ class Session:
         return self.exit_status is not None and self._eof
 
     @property
+    def exited_by_itself(self) -> bool:
+        """True once the process ended by itself (not killed by the session's end)
+        and every output byte is in the ring: the links send EXIT ``exited``."""
+        return self.is_exited and self._exited_by_itself
+
+    @property
     def exit_reason(self) -> str:
         """The EXIT ``reason``: ``exited`` when the process ended by itself,
         else why the session ended it (``killed``, ``grace``, ``idle``, ...)."""
-        if self.is_exited and self._exited_by_itself:
+        if self.exited_by_itself:
             return "exited"
         return self.end_reason or "killed"
 
