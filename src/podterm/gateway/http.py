@@ -76,6 +76,7 @@ __all__ = [
     "send_and_close",
     "serve_http",
     "serve_listeners",
+    "when_ended",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,14 @@ class LivesOn:
     def on_end(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the connection has ended (at once if it has)."""
         raise NotImplementedError
+
+
+def when_ended(lives_on: LivesOn | None, callback: Callable[[], None]) -> None:
+    """``callback()`` now if the connection is over (``lives_on`` None), else at its end."""
+    if lives_on is None:
+        callback()
+    else:
+        lives_on.on_end(callback)
 
 
 class Upgraded:

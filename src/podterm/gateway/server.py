@@ -83,6 +83,7 @@ from podterm.gateway.http import (
     send_and_close,
     serve_http,
     serve_listeners,
+    when_ended,
 )
 from podterm.gateway.kubeapi import ApiserverBackend, KubeApi, LocalBackend
 from podterm.gateway.peers import (
@@ -523,10 +524,7 @@ class Gateway:
                 lives_on = await run()
                 return lives_on
             finally:
-                if lives_on is not None:
-                    lives_on.on_end(self._link_ended)  # the link outlives this task
-                else:
-                    self._link_ended()
+                when_ended(lives_on, self._link_ended)  # (the link may outlive this task)
 
         return Upgraded(counted)
 
@@ -646,11 +644,8 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
         finally:
-            ended = functools.partial(self._connection_ended, None if peer_link else client.ip)
-            if lives_on is not None:
-                lives_on.on_end(ended)
-            else:
-                ended()
+            when_ended(lives_on, functools.partial(self._connection_ended,
+                                                   None if peer_link else client.ip))
         return lives_on
 
     def _connection_ended(self, ip: str | None) -> None:
@@ -675,10 +670,7 @@ class Gateway:
         try:
             lives_on = await self._handle(PrefixedStream(stream, head), peer_link=True)
         finally:
-            if lives_on is not None:
-                lives_on.on_end(functools.partial(self.clients.release, ip))
-            else:
-                self.clients.release(ip)
+            when_ended(lives_on, functools.partial(self.clients.release, ip))
 
     async def _refuse_over_cap(self, stream: trio.abc.Stream, source: str, ip: str) -> None:
         """``429`` (``Retry-After: 1``) and a ``protocol.reject`` event for a connection
