@@ -1194,9 +1194,12 @@ class Session:
         if scope is not None and self._kill_reason is None:
             scope.deadline = self._deadline()
         elif self._parked:
-            deadline = self._deadline()
-            if deadline != math.inf:
-                deadline_timer().schedule(self, deadline)  # (a no-op unless earlier)
+            self._schedule_timer(self._deadline())  # (a no-op unless earlier)
+
+    def _schedule_timer(self, deadline: float) -> None:
+        """The parked supervisor's next look, in the process's DeadlineTimer."""
+        if deadline != math.inf:
+            deadline_timer().schedule(self, deadline)
 
     def timer_due(self) -> None:
         """:class:`DeadlineTimer`: the parked supervisor's timer came; it checks it."""
@@ -1231,10 +1234,8 @@ class Session:
         checked_by = park(self.wake_supervisor)  # None: it exited or was lost already
         if checked_by is None:
             return False
-        deadline = min(deadline, checked_by)
         self._parked = True
-        if deadline != math.inf:
-            deadline_timer().schedule(self, deadline)
+        self._schedule_timer(min(deadline, checked_by))
         return True
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> bool:
