@@ -251,54 +251,56 @@ class WebSocketStream:
             if stashed is not None:  # read by read_nowait(): as if read now
                 self._stashed = None
                 events, saw_control = stashed
-                if not saw_control:
-                    return events  # type: ignore[return-value]  # all data messages
-                batch = await self._after_control(events)
-                if batch or (until_idle and self._drained):
-                    return batch
-                continue
-            data: bytes | bytearray
-            if self._initial:
-                data = self._initial
-                self._initial = b""
             else:
-                while self._reading:  # aclose() is reading the peer's CLOSE
-                    await self._park_reader()
-                    if self._close_info is not None:
-                        raise ConnectionClosed(*self._close_info)
-                self._reading = True
-                try:
-                    stream = self.stream
-                    if type(stream) is trio.SocketStream:
-                        got = await self._recv_socket(stream.socket, wait=not until_idle)
-                        if got is None:
-                            return []  # nothing to read now (until_idle)
-                        data = got
-                    else:
-                        data = await stream.receive_some(self._read_size)
-                except trio.BrokenResourceError as exc:
-                    conn.receive_data(b"")
-                    self._close_info = (_ABNORMAL, f"connection lost: {exc.__cause__ or exc}")
-                    raise ConnectionClosed(*self._close_info) from exc
-                except trio.ClosedResourceError as exc:
-                    # abort() or aclose() closed the stream under this read.
-                    if self._close_info is None:
-                        self._close_info = (_ABNORMAL, "stream closed locally")
-                    raise ConnectionClosed(*self._close_info) from exc
-                finally:
-                    self._reading = False
-                    if self._read_lot:
-                        self._read_lot.unpark()
-                if not data:
-                    self._eof = True
-            events = conn.receive_data(data)
-            if not conn.saw_control:
+                data = await self._read_some(until_idle)
+                if data is None:
+                    return []  # nothing to read now (until_idle)
+                events = conn.receive_data(data)
+                saw_control = conn.saw_control
+            if not saw_control:
                 if events:
                     return events  # type: ignore[return-value]  # all data messages
                 continue
             batch = await self._after_control(events)
             if batch or (until_idle and self._drained):
                 return batch  # (empty: a PONG alone, and the socket is empty now)
+
+    async def _read_some(self, until_idle: bool) -> bytes | bytearray | None:
+        """The next bytes for :meth:`receive_batch` (b"" at EOF); None: none now (until_idle)."""
+        if self._initial:
+            data = self._initial
+            self._initial = b""
+            return data
+        while self._reading:  # aclose() is reading the peer's CLOSE
+            await self._park_reader()
+            if self._close_info is not None:
+                raise ConnectionClosed(*self._close_info)
+        self._reading = True
+        try:
+            stream = self.stream
+            got: bytes | bytearray | None
+            if type(stream) is trio.SocketStream:
+                got = await self._recv_socket(stream.socket, wait=not until_idle)
+                if got is None:
+                    return None
+            else:
+                got = await stream.receive_some(self._read_size)
+        except trio.BrokenResourceError as exc:
+            self.conn.receive_data(b"")
+            self._close_info = (_ABNORMAL, f"connection lost: {exc.__cause__ or exc}")
+            raise ConnectionClosed(*self._close_info) from exc
+        except trio.ClosedResourceError as exc:
+            # abort() or aclose() closed the stream under this read.
+            if self._close_info is None:
+                self._close_info = (_ABNORMAL, "stream closed locally")
+            raise ConnectionClosed(*self._close_info) from exc
+        finally:
+            self._reading = False
+            if self._read_lot:
+                self._read_lot.unpark()
+        if not got:
+            self._eof = True
+        return got
 
     async def _recv_socket(self, sock: trio.socket.SocketType, *, wait: bool = True
                            ) -> bytes | None:
