@@ -552,6 +552,12 @@ class TunnelStream:
         deadline = tunnel.lost_deadline()
         return math.inf if deadline is None else deadline
 
+    def _output_queued(self) -> None:
+        """Output waits in the inbox: the reader's turn (called back, or unparked)."""
+        self._call_reader()
+        if self._lot is not None:
+            self._lot.unpark_all()
+
     def _call_reader(self) -> None:
         callback = self._reader_cb
         if callback is not None:
@@ -570,9 +576,7 @@ class TunnelStream:
             inbox = self._inbox = deque()
         inbox.append((channel, data, len(data)))
         self._inbox_bytes += len(data)
-        self._call_reader()
-        if self._lot is not None:
-            self._lot.unpark_all()
+        self._output_queued()
 
     def on_ack(self, offset: int) -> None:
         """The agent wrote our input up to ``offset``: free the log."""
@@ -602,9 +606,7 @@ class TunnelStream:
                 self._inbox = deque()
             self._inbox.append((_STDOUT, notice, 0))
             self._inbox_bytes += len(notice)
-        self._call_reader()
-        if self._lot is not None:
-            self._lot.unpark_all()
+        self._output_queued()
 
     def on_resume(self, start: int) -> None:
         """The agent holds our input up to ``start``: resend from there."""
