@@ -324,7 +324,7 @@ class _Link(LivesOn):
         self.codec = ServerCodec(read_only=att.mode is Mode.RO)
         limits = att.session.limits
         self.hb = Heartbeat(limits.heartbeat_interval_s, max_missed=limits.heartbeat_max_missed,
-                            now=trio.current_time())
+                            now=now)
         ws.heartbeat = self.hb  # the reader hands PONGs to it
         # The running receiver's scope (the sender stops it); None between tasks.
         self.rx_scope: trio.CancelScope | None = None
