@@ -413,9 +413,6 @@ def _link_tasks() -> int:
 
 async def test_an_idle_link_runs_no_task_and_is_still_pinged(
         make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    from podterm.gateway import attach as attach_module
-
-    monkeypatch.setattr(attach_module, "LINGER_S", 0.2)  # a typing link parks soon after
     limits = SessionLimits(heartbeat_interval_s=0.2)
     gateway = await make_gateway(session_limits=limits)
     with trio.fail_after(WAIT_S):
@@ -549,15 +546,23 @@ async def test_a_quiet_link_ends_cleanly_whichever_side_ends_it(
         assert released()
 
 
-async def test_a_typing_link_keeps_its_receiver_until_it_has_been_quiet(
+async def test_a_typing_links_keystrokes_start_no_task(
         make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Parking per keystroke would cost a task start and two epoll changes each:
-    a link whose socket wakes soon after it was parked keeps its receiver, and
-    parks again at the first read (a PONG here) after LINGER_S without input."""
+    """A keystroke and the ACK of its echo are applied by the idle watcher's
+    call itself: a typing link runs no receiver task; what must wait (input
+    beyond the session's buffer) still starts one, and nothing is lost."""
     from podterm.gateway import attach as attach_module
 
-    monkeypatch.setattr(attach_module, "LINGER_S", 0.5)
-    gateway = await make_gateway(session_limits=SessionLimits(heartbeat_interval_s=0.2))
+    started: list[float] = []
+    original = attach_module._Link._receiver_task
+
+    async def counted(self: Any) -> None:
+        started.append(trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted)
+    gateway = await make_gateway(session_limits=SessionLimits(window_bytes=4096,
+                                                              input_buffer_bytes=4096))
     idle = gateway.gw.attach.idle
     assert idle is not None
     with trio.fail_after(WAIT_S):
@@ -565,21 +570,27 @@ async def test_a_typing_link_keeps_its_receiver_until_it_has_been_quiet(
         client = await gateway.attach(created["id"])
         await client.wait_hello()
         async with trio.open_nursery() as nursery:
-            async def read() -> None:  # one reader: it answers every PING
+            async def read() -> None:  # one reader: it ACKs the echoes
                 while await client.pump():
                     pass
 
             nursery.start_soon(read)
             await _wait_until(lambda: len(idle) == 1)  # quiet since the hello
+            first = len(started)
             typed = b""
             for key in b"typing":
                 typed += bytes([key])
                 await client.send_stdin(bytes([key]))
                 await _wait_until(lambda t=typed: bytes(client.output) == t)
-            assert tasks_in("receive_loop") == 1 and len(idle) == 0  # busy: it stays
-            quiet = trio.current_time()
             await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
-            assert trio.current_time() - quiet >= 0.5
+            assert len(started) == first  # six keys, six echoes ACKed: no receiver task
+            # More than the session's input buffer takes at once: the
+            # watcher's call leaves it to a receiver task, which waits for room.
+            bulk = bytes(range(256)) * 64  # 16 KiB
+            await client.send_stdin(bulk)
+            await _wait_until(lambda: bytes(client.output) == typed + bulk)
+            assert len(started) > first
+            await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)  # quiet again
             nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
@@ -620,10 +631,9 @@ async def test_an_idle_links_heartbeat_starts_no_task(
                 await trio.sleep(0.02)
             assert started == []  # no receiver task for any PONG
             assert gateway.gw.counters.snapshot().heartbeat_failures == 0
-            await client.send_stdin(b"after\n")  # bytes that need a reader: one starts
+            await client.send_stdin(b"after\n")  # input: applied by the watcher's call too
             await _wait_until(lambda: bytes(client.output) == b"after\n")
-            # One for the input; another, once it parked, for the client's ACK of the echo.
-            assert 1 <= len(started) <= 2
+            assert started == []
             nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])

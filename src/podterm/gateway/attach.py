@@ -95,7 +95,7 @@ from podterm.protocol.session_proto import (
     encode_ack,
     encode_exit,
 )
-from podterm.protocol.websocket import ConnectionState, Role, WsLimits
+from podterm.protocol.websocket import ConnectionState, Message, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
 from podterm.session.attachment import Attachment, Mode, ack_timer, deadline_timer
 from podterm.session.registry import SessionRegistry, Unavailable
@@ -129,17 +129,6 @@ def _frame_head(length: int) -> bytes:
     if length < 126:
         return _HEAD_SHORT.pack(_FIN_BINARY, length)
     return _HEAD_MEDIUM.pack(_FIN_BINARY, 126, length)
-
-#: A link whose socket woke BUSY_WAKES times in a row, each within BUSY_S of
-#: being handed to the idle watcher, is busy: its receiver stays in its task.
-#: (A keystroke is two wake-ups, the key and the ACK of its echo: a client
-#: that types once after attaching, as the capacity benchmark's probe does,
-#: is not busy; one that goes on typing is, from its second key.)
-BUSY_S = 1.0
-BUSY_WAKES = 3
-#: A busy link's receiver hands its socket back to the watcher at the first
-#: read after this long without a message (a heartbeat PONG at the latest).
-LINGER_S = 2.0
 
 _MAX_TOKEN_CHARS = 256
 _OFFSET_RE = re.compile(r"[0-9]{1,20}")
@@ -298,7 +287,7 @@ class _Link(LivesOn):
 
     __slots__ = ("ws", "att", "session", "counters", "codec", "hb", "rx_scope", "rx_done",
                  "auditor", "sender_done", "failed", "_lot", "home", "idle", "rx_fd",
-                 "finished", "_on_end", "context", "quick_wakes", "last_input", "parked_at")
+                 "finished", "_on_end", "context", "backlog")
 
     def __init__(self, ws: WebSocketStream, att: Attachment, counters: GatewayCounters,
                  auditor: Auditor | None = None, *, home: trio.Nursery,
@@ -310,13 +299,10 @@ class _Link(LivesOn):
         self.rx_fd = -1  # the socket handed to ``idle`` (no receiver task meanwhile)
         self.finished = False
         self._on_end: list[Callable[[], None]] | None = None
-        # A busy link's receiver stays in its task (see _receive): parking
-        # costs a task start and two epoll changes per burst of input.
-        # Wake-ups in a row that came within BUSY_S of the parking before them.
-        self.quick_wakes = 0
+        # What the idle watcher's call read but left to a receiver task: the
+        # events it could not apply without waiting, then the error to meet.
+        self.backlog: tuple[list[Event], Exception | None] | None = None
         now = trio.current_time()
-        self.last_input = now  # the latest read that brought messages
-        self.parked_at = now
         self.ws = ws
         self.att = att
         self.session = att.session
@@ -411,43 +397,31 @@ class _Link(LivesOn):
     async def _receive(self, ws: WebSocketStream, att: Attachment, session: Session,
                        decode: Callable[[int, bytes], list[Event]]) -> bool:
         idle = self.idle
+        apply_nowait = self._apply_nowait
         try:
+            backlog = self.backlog
+            if backlog is not None:  # left by the idle watcher's call (_input_came)
+                self.backlog = None
+                events, error = backlog
+                for event in events:
+                    if att.close is not None:
+                        break
+                    if not apply_nowait(event):
+                        await self._apply(event)
+                if error is not None:
+                    raise error
             while att.close is None:
                 if idle is not None and ws.idle():
-                    # A busy link (typing, streaming input) lingers: it waits
-                    # here for its next bytes (parking costs a task start and
-                    # two epoll changes per burst); once LINGER_S passed with
-                    # no message, the next read (a PONG at the latest) parks.
-                    if ((self.quick_wakes < BUSY_WAKES
-                         or trio.current_time() - self.last_input >= LINGER_S)
-                            and self._park_receiver(idle)):
+                    if self._park_receiver(idle):
                         return True
-                    # (or the link is ending, or the watcher stopped: wait here)
+                    # (the link is ending, or the watcher stopped: wait here)
                     await ws.wait_readable()
                     ws.readable()
                 batch = await ws.receive_batch(until_idle=idle is not None)
-                if batch:
-                    self.last_input = trio.current_time()
                 for opcode, payload in batch:
                     for event in decode(opcode, payload):
-                        if type(event) is Stdin:
-                            if att is session.writer:
-                                await session.write_input(att, event.data)
-                        elif type(event) is Ack:
-                            session.ack_output(att, event.offset)
-                        elif type(event) is Resize:
-                            if att is session.writer:
-                                session.resize(event.cols, event.rows)
-                        elif type(event) is StdinEof:
-                            # After every STDIN before it on this link was accepted
-                            # above; the session waits for the rest if it is short.
-                            if att is session.writer:
-                                session.close_input_at(event.offset)
-                        elif type(event) is Detach:
-                            att.request_close(CloseCode.NORMAL, "detached")
-                        elif type(event) is ErrorMsg:
-                            log.info("session.attach.client_error %s: %s %s", session.id,
-                                     event.code, event.message)
+                        if not apply_nowait(event):
+                            await self._apply(event)
                     if att.close is not None:
                         break
         except ProtocolViolation as exc:
@@ -464,6 +438,48 @@ class _Link(LivesOn):
                 self._rejected(ProtocolViolation(exc.reason or "invalid frame", exc.code))
         return False
 
+    def _apply_nowait(self, event: Event) -> bool:
+        """Apply a client message that needs no wait (STDIN with room, ACK, RESIZE).
+
+        False, nothing done: :meth:`_apply` (a task) takes it.
+
+        Raises:
+            BadRequestError: an ACK beyond what was sent.
+        """
+        kind = type(event)
+        att = self.att
+        session = self.session
+        if kind is Stdin:
+            return (att is not session.writer
+                    or session.write_input_nowait(att, event.data))  # type: ignore[union-attr]
+        if kind is Ack:
+            session.ack_output(att, event.offset)  # type: ignore[union-attr]
+            return True
+        if kind is Resize:
+            if att is session.writer:
+                session.resize(event.cols, event.rows)  # type: ignore[union-attr]
+            return True
+        return False
+
+    async def _apply(self, event: Event) -> None:
+        """Apply what :meth:`_apply_nowait` left: STDIN that waits for room, the rest."""
+        att = self.att
+        session = self.session
+        kind = type(event)
+        if kind is Stdin:
+            if att is session.writer:
+                await session.write_input(att, event.data)  # type: ignore[union-attr]
+        elif kind is StdinEof:
+            # After every STDIN before it on this link was accepted above;
+            # the session waits for the rest if it is short.
+            if att is session.writer:
+                session.close_input_at(event.offset)  # type: ignore[union-attr]
+        elif kind is Detach:
+            att.request_close(CloseCode.NORMAL, "detached")
+        elif kind is ErrorMsg:
+            log.info("session.attach.client_error %s: %s %s", session.id,
+                     event.code, event.message)  # type: ignore[union-attr]
+
     def _park_receiver(self, idle: IdleSockets) -> bool:
         """Hand the quiet socket to the watcher; True: this receiver task may end."""
         if self.sender_done or self.att.gone:
@@ -472,28 +488,64 @@ class _Link(LivesOn):
         if not idle.watch(fd, self._input_came):
             return False
         self.rx_fd = fd
-        now = self.parked_at = trio.current_time()
-        if now - self.last_input >= LINGER_S:
-            self.quick_wakes = 0  # (a busy link's linger ended)
         return True
 
     def _input_came(self) -> None:
-        """The watcher's call: the quiet socket has bytes (or an EOF); read them."""
+        """The watcher's call: the quiet socket has bytes (or an EOF); read them.
+
+        What needs no wait is done here, in the watcher's task: a heartbeat's
+        PONG, and client messages that :meth:`_apply_nowait` takes (a
+        keystroke, its ACK), so a typing link runs no task of its own either.
+        Anything else starts a receiver task, which takes what was read first.
+        """
         self.rx_fd = -1
         ws = self.ws
         ws.readable()
         idle = self.idle
-        if ws.read_nowait() and idle is not None and self._park_receiver(idle):
-            return  # a heartbeat's PONG (or nothing): no receiver task needed
-        if trio.current_time() - self.parked_at < BUSY_S:
-            self.quick_wakes += 1
+        if ws.read_nowait():
+            if idle is not None and self._park_receiver(idle):
+                return  # a heartbeat's PONG (or nothing): no receiver task needed
         else:
-            self.quick_wakes = 0
+            batch = ws.take_stashed()
+            if (batch is not None and self._apply_read(batch)
+                    and idle is not None and ws.idle() and self._park_receiver(idle)):
+                return
         try:
             self.context.run(self.home.start_soon, self._receiver_task)
         except RuntimeError:  # the server's nursery closed (it stopped): nobody reads
             self.rx_done = True
             self.att.mark_gone()
+
+    def _apply_read(self, batch: list[Message]) -> bool:
+        """Apply data messages read by the watcher's call; False: a receiver task must run.
+
+        What could not be applied at once, and the error that stopped it, go
+        to :attr:`backlog`, in order, for the receiver task.
+        """
+        att = self.att
+        decode = self.codec.receive_message
+        events: list[Event] = []
+        error: Exception | None = None
+        try:
+            for opcode, payload in batch:
+                events += decode(opcode, payload)
+        except Exception as exc:  # (the receiver meets it after what came before it)
+            error = exc
+        apply_nowait = self._apply_nowait
+        for i, event in enumerate(events):
+            if att.close is not None:
+                break
+            try:
+                if not apply_nowait(event):
+                    self.backlog = (events[i:], error)
+                    return False
+            except Exception as exc:
+                self.backlog = ([], exc)
+                return False
+        if error is not None or att.close is not None:
+            self.backlog = ([], error)
+            return False
+        return True
 
     def _stop_receiver(self) -> None:
         """Stop receiving for good (the sender ends or closes the link)."""

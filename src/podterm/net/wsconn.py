@@ -396,6 +396,19 @@ class WebSocketStream:
         self._stashed = (events, saw_control)
         return False
 
+    def take_stashed(self) -> list[Message] | None:
+        """Take the data messages :meth:`read_nowait` kept, to apply them now.
+
+        None (nothing taken) when nothing was kept, or when what was kept
+        needs a reader: a control frame (a PING to answer, a CLOSE), an EOF
+        or a violation; :meth:`receive_batch` then takes it as before.
+        """
+        stashed = self._stashed
+        if stashed is None or stashed[1]:
+            return None
+        self._stashed = None
+        return stashed[0]  # type: ignore[return-value]  # data messages only
+
     async def wait_readable(self) -> None:
         """Wait until the plain socket of an :meth:`idle` stream has bytes (or an EOF).
 

@@ -793,17 +793,43 @@ class Session:
         Returns at once, dropping the rest, if the attachment stops being the
         writer meanwhile (its successor re-sends from its own ``in_acked``).
         """
+        data = self._accept_input(attachment, self._new_input(attachment, data))
+        while data:
+            if self._space_lot is None:
+                self._space_lot = trio.lowlevel.ParkingLot()
+            await self._space_lot.park()
+            data = self._accept_input(attachment, data)
+
+    def write_input_nowait(self, attachment: Attachment, data: bytes) -> bool:
+        """:meth:`write_input` if it would not wait: True, done; False, nothing done.
+
+        False only when the input buffer has no room for all of it now (the
+        caller then awaits :meth:`write_input` with the same payload).
+        """
+        if (attachment is self.writer and not self._closed and not self._stdin_dead
+                and not self._input_closed):
+            new = len(data) - max(self.in_offset - attachment.in_cursor, 0)
+            if new > self.limits.input_buffer_bytes - self._in_pending:
+                return False
+        rest = self._accept_input(attachment, self._new_input(attachment, data))
+        assert not rest, "write_input_nowait: the room was checked"
+        return True
+
+    def _new_input(self, attachment: Attachment, data: bytes) -> bytes:
+        """Advance the writer's cursor past ``data``; what of it was not accepted before."""
         start = attachment.in_cursor
         attachment.in_cursor = start + len(data)
         skip = self.in_offset - start
         if skip > 0:
-            if skip >= len(data):
-                return  # all of it was accepted before
-            data = data[skip:]
+            return data[skip:] if skip < len(data) else b""  # (a re-send after a reconnect)
+        return data
+
+    def _accept_input(self, attachment: Attachment, data: bytes) -> bytes:
+        """Accept what the input buffer has room for; the rest (b"": none) waits for room."""
         limit = self.limits.input_buffer_bytes
         while data:
             if attachment is not self.writer or self._closed:
-                return
+                return b""
             if self._stdin_dead or self._input_closed:
                 # The process no longer reads input: acknowledge and discard,
                 # so the client's buffer empties instead of growing.
@@ -812,13 +838,10 @@ class Session:
                 self._in_sent += n
                 self._in_floor = self.in_offset
                 attachment.wake()
-                return
+                return b""
             space = limit - self._in_pending
             if space <= 0:
-                if self._space_lot is None:
-                    self._space_lot = trio.lowlevel.ParkingLot()
-                await self._space_lot.park()
-                continue
+                return data
             piece = data if len(data) <= space else data[:space]
             eof_at = self._input_eof_at
             if eof_at is not None and len(piece) > eof_at - self.in_offset:
@@ -852,6 +875,7 @@ class Session:
             self.last_activity = trio.current_time()
             if eof_at is not None and self.in_offset >= eof_at:
                 self.close_input()  # the client's EOF offset is reached
+        return b""
 
     def _wake_input(self) -> None:
         """Start the input pump if input (or the EOF) waits for it and none runs."""
