@@ -347,7 +347,7 @@ def per_worker(url: str, name: str) -> dict[int, float]:
 _GC_SAMPLE = re.compile(r'podterm_gc_pause_(cpu_)?(seconds_bucket|seconds_sum|seconds_count|'
                         r'max_seconds)\{generation="(\d)"(?:,le="([^"]+)")?\}')
 _GC_PROFILE = re.compile(r'podterm_gc_profile_info\{profile="([^"]+)"\}')
-_GC_OLD = re.compile(r'podterm_gc_old_generation_collections_total\{kind="([^"]+)"\}')
+_GC_OLD = re.compile(r'podterm_gc_collector_steps_total\{kind="([^"]+)"\}')
 
 
 def gc_pauses(metrics: dict[str, float]) -> dict[str, Any] | None:

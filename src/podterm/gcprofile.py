@@ -20,26 +20,19 @@ allocations are done, by :meth:`GcController.run`):
     again), and a gen-0 threshold of 50,000: far fewer collections, each
     longer; full collections stay automatic.
 ``low-latency``
-    ``gc.freeze()`` after start-up as well; automatic full collections are
-    off (threshold 2 out of reach) and the young thresholds (10,000 / 2,
-    see :data:`PROFILES`) make young collections rare while sessions relay
-    keystrokes, each walking the young objects still alive.  The old
-    generation is handled by :class:`OldGenerationCollector`, a trio task,
-    instead:
+    ``gc.freeze()`` after start-up as well; only generation 0 is collected
+    automatically (thresholds (2,000, never, never)): a young collection
+    walks the young objects still alive, about 2,000.  What survives it
+    waits in generation 1, which no automatic collection walks.
+    :class:`OldGenerationCollector`, a trio task, does the rest:
 
-    * *promoted* steps: once young collections have promoted objects into
-      the old generation, it runs ``gc.collect(2)`` and then ``gc.freeze()``
-      at an idle-ish moment (see :class:`IdlePolicy`).  The old generation
-      then never holds more than what was promoted since the previous step,
-      so a step's pause is proportional to the promotions in between; the
-      collector estimates it from the previous steps.  When no idle-ish
-      moment comes (a burst of new sessions, sustained typing) and the
-      estimate reaches ``max_step_s`` (2 ms), the step is forced, and a
-      forced step whose estimate is over ``max_step_s`` only *freezes* the
-      promoted objects, uncollected: ``gc.freeze()`` moves lists, no pause
-      at all.  What was promoted survived two young collections (it was
-      alive then); garbage among it waits for the next deep sweep.  So
-      under load the old generation stays empty and no collection walks it;
+    * *young steps*: every ``check_interval_s`` (0.1 s) it runs
+      ``gc.collect(1)`` and ``gc.freeze()``: a walk over what was allocated
+      since the previous look and is still alive (under 1 ms while 1,000
+      sessions type), and what survives is frozen, never walked again.  A
+      step whose estimate (the young objects times the seconds per object
+      the previous steps took) is over ``max_step_s`` (1 ms: a burst of new
+      sessions) only freezes: ``gc.freeze()`` moves lists, no pause;
     * *deep* sweeps: frozen objects are never examined, so cyclic garbage
       among them (a session's objects that form a cycle when it ends) is not
       reclaimed by those steps.  Once the heap has grown by ``deep_growth``
@@ -54,6 +47,15 @@ allocations are done, by :meth:`GcController.run`):
       stops it is deferred at most ``deep_max_defer_s`` once the heap has
       doubled (memory before latency: a gateway killed for its memory drops
       every session).
+
+    Why not CPython's generation 1: a young collection's time is the walk
+    over the young objects alive, and under load much of that is the
+    suspended state of whatever waits, re-made at each wait (coroutines,
+    cancel scopes, epoll waiters).  With thresholds (10,000, 2), and a
+    receiver task per typing link, a gateway relaying 10,000 keystrokes a
+    second paused up to 4 ms per generation-0 collection and 20 ms per
+    generation-1 one (docs/benchmarks.md).  (Keystrokes are now applied by
+    the idle watcher's call, no task per typing link: gateway/attach.py.)
 
 Pauses: :class:`GcPauseRecorder` times every collection with
 ``gc.callbacks`` (``time.perf_counter_ns`` at ``start`` and ``stop``) into a
@@ -129,25 +131,16 @@ class GcProfile:
     collect_old_when_idle: bool
 
 
-#: The profiles by name.  Young thresholds of ``low-latency``: 10,000 / 2.
-#: A young collection walks every young object still alive, at ~0.3 µs each
-#: on this machine, and under load nearly all of its time is that walk (perf:
-#: ``update_refs``/``subtract_refs``).  With CPython's 700, a gateway relaying
-#: keystrokes for 1,000 sessions collected 30 times a second and spent 22%
-#: of its CPU there; at 10,000 it collects about once in 10 s of the same
-#: typing, and the relay carried 30–50% more keystrokes per CPU-second
-#: (docs/benchmarks.md, "GC profiles").  The price is the walk after a burst
-#: of new sessions, when everything young survives: ~10,000 objects (3 ms)
-#: per gen-0 collection and ~30,000 (10–15 ms) per gen-1 one, which the
-#: threshold of 2 keeps from growing to 60,000.  Promotions are frozen by
-#: :class:`OldGenerationCollector`, so the old generation is never walked
-#: while serving.  ``throughput``: 50,000 / 50 / 100 makes collections ~70x
-#: rarer than the default at the price of longer young pauses.
+#: The profiles by name.  ``low-latency``: generation 0 alone is collected
+#: automatically, at 2,000 (a walk of ~2,000 young objects, under 1 ms);
+#: generations 1 and 2 are left to :class:`OldGenerationCollector`.
+#: ``throughput``: 50,000 / 50 / 100 makes collections ~70x rarer than the
+#: default at the price of longer young pauses.
 PROFILES: Mapping[str, GcProfile] = MappingProxyType({
     "default": GcProfile("default", None, freeze_at_start=False, collect_old_when_idle=False),
     "throughput": GcProfile("throughput", (50_000, 50, 100), freeze_at_start=True,
                             collect_old_when_idle=False),
-    "low-latency": GcProfile("low-latency", (10_000, 2, NEVER), freeze_at_start=True,
+    "low-latency": GcProfile("low-latency", (2_000, NEVER, NEVER), freeze_at_start=True,
                              collect_old_when_idle=True),
 })
 
@@ -342,13 +335,14 @@ class IdlePolicy:
 
     Attributes:
         check_interval_s: how often it looks (a sleep; 10 wake-ups a second
-            are nothing next to a gateway's heartbeats).
+            are nothing next to a gateway's heartbeats).  Each look collects
+            and freezes what the young generations hold (a *young step*), so
+            this bounds how much a young step walks: what was allocated
+            since the previous look and is still alive.
         idle_cpu_share: see above.
-        max_step_s: a promoted step is forced, idle or not, as soon as its
-            estimated pause reaches this: the estimate is the pending
-            promotions times the seconds per promotion the previous steps
-            took, checked after every young collection that promotes.
-        max_defer_s: the longest a promotion waits for its step.
+        max_step_s: a young step collects only if its estimated pause is at
+            most this (the young objects times the seconds per object the
+            previous steps took); above it, the step only freezes them.
         deep_growth: a deep sweep is due once the heap (pymalloc blocks) has
             grown by this share since the previous one ...
         deep_min_blocks: ... and by at least this many blocks (a small heap
@@ -362,8 +356,7 @@ class IdlePolicy:
 
     check_interval_s: float = 0.1
     idle_cpu_share: float = 0.25
-    max_step_s: float = 0.002
-    max_defer_s: float = 30.0
+    max_step_s: float = 0.001
     deep_growth: float = 0.25
     deep_min_blocks: int = 200_000
     deep_idle_s: float = 2.0
@@ -382,50 +375,52 @@ class CollectorStatistics:
     """A snapshot of :class:`OldGenerationCollector`.
 
     Attributes:
-        promoted_steps: ``collect(2)`` + ``freeze()`` steps run.
-        forced_steps: the part of them forced by ``max_step_s`` or
-            ``max_defer_s`` rather than run at an idle-ish moment.
-        frozen_steps: the part of the forced ones that only froze (their
-            estimate was over ``max_step_s``): no collection, no pause.
+        young_steps: young steps run (``collect(1)`` + ``freeze()``, or a
+            freeze alone).
+        frozen_steps: the part of them that only froze (their estimate was
+            over ``max_step_s``): no collection, no pause.
         deep_sweeps: ``unfreeze()`` + ``collect()`` + ``freeze()`` sweeps run.
         forced_deep_sweeps: the part of them run after ``deep_max_defer_s``.
         collected: objects the collector's own collections freed.
         heap_blocks: pymalloc blocks at the latest count.
         heap_blocks_at_sweep: ... and after the latest deep sweep (or start).
-        seconds_per_promotion: the current estimate of a step's pause per
-            pending promotion.
-        last_step_s, last_deep_s: the pauses of the latest step and sweep.
+        seconds_per_object: the current estimate of a young step's pause
+            per young object.
+        last_step_s, last_deep_s: the pauses of the latest young step that
+            collected, and of the latest deep sweep.
     """
 
-    promoted_steps: int
-    forced_steps: int
+    young_steps: int
     frozen_steps: int
     deep_sweeps: int
     forced_deep_sweeps: int
     collected: int
     heap_blocks: int
     heap_blocks_at_sweep: int
-    seconds_per_promotion: float
+    seconds_per_object: float
     last_step_s: float
     last_deep_s: float
 
 
-#: The first estimate of a step's pause per pending generation-1 collection:
-#: ~3,500 objects at ~1 µs each (a loaded 2-core box).  Above ``max_step_s``
-#: from the first promotion on, so until an idle step has measured the real
-#: cost, a step forced under load only freezes (no pause).
-_FIRST_S_PER_PROMOTION = 0.0035
+#: The first estimate of a young step's pause per young object: ~0.3 µs
+#: (a gateway's objects on a loaded 2-core box; lists of ints take 0.02).
+_FIRST_S_PER_OBJECT = 3e-7
 
 
 class OldGenerationCollector:
-    """Collects the old generation from a trio task, at idle-ish moments (``low-latency``).
+    """Keeps the GC's walks short from a trio task (``low-latency``).
 
-    See the module docstring and :class:`IdlePolicy`.  While :meth:`run`
-    runs, a ``gc.callbacks`` hook watches young collections: when one has
-    promoted enough that the step's estimated pause reaches ``max_step_s``,
-    it asks the trio loop (``TrioToken.run_sync_soon``, safe from any
-    thread and at any allocation) to run the step right away, outside the
-    collector.  The clocks are arguments so tests can drive it.
+    See the module docstring and :class:`IdlePolicy`.  Automatic collections
+    are generation 0 only (the profile's thresholds); what survives them
+    waits in generation 1, which no automatic collection walks.  Every
+    ``check_interval_s`` a *young step* collects generations 0 and 1 and
+    freezes what is left: a walk over what was allocated since the previous
+    look and is still alive.  A step whose estimate is over ``max_step_s``
+    (a burst of new sessions) freezes without collecting: ``gc.freeze()``
+    moves lists, no pause.  Frozen objects are never walked again, so
+    cyclic garbage among them (a session's objects that form a cycle when it
+    ends) waits for a *deep sweep* at a quiet moment.  The clocks are
+    arguments so tests can drive it.
 
     Args:
         policy: when to collect.
@@ -438,11 +433,10 @@ class OldGenerationCollector:
     """
 
     __slots__ = ("policy", "_activity", "_cpu_clock", "_clock", "_heap_size",
-                 "_promoted_steps", "_forced_steps", "_frozen_steps", "_pending_base", "_deep_sweeps",
-                 "_forced_deep",
-                 "_collected", "_heap_base", "_heap", "_heap_at", "_s_per_promotion",
-                 "_last_step_s", "_last_deep_s", "_quiet_since", "_pending_since",
-                 "_doubled_at", "_token", "_wake_asked")
+                 "_young_steps", "_frozen_steps", "_young_base", "_deep_sweeps",
+                 "_forced_deep", "_collected", "_heap_base", "_heap", "_heap_at",
+                 "_s_per_object", "_last_step_s", "_last_deep_s", "_quiet_since",
+                 "_doubled_at")
 
     def __init__(self, policy: IdlePolicy | None = None, *,
                  activity: Callable[[], int] | None = None,
@@ -454,99 +448,64 @@ class OldGenerationCollector:
         self._cpu_clock = cpu_clock
         self._clock = clock
         self._heap_size = heap_size
-        self._promoted_steps = 0
-        self._forced_steps = 0
+        self._young_steps = 0
         self._frozen_steps = 0
-        self._pending_base = 0
+        self._young_base = gc.get_count()[1]
         self._deep_sweeps = 0
         self._forced_deep = 0
         self._collected = 0
         self._heap_base = self._heap = heap_size()
         self._heap_at: float | None = None
-        self._s_per_promotion = _FIRST_S_PER_PROMOTION
+        self._s_per_object = _FIRST_S_PER_OBJECT
         self._last_step_s = 0.0
         self._last_deep_s = 0.0
         self._quiet_since: float | None = None
-        self._pending_since: float | None = None
         self._doubled_at: float | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._wake_asked = False
 
     def __repr__(self) -> str:
-        return (f"<OldGenerationCollector steps={self._promoted_steps} "
+        return (f"<OldGenerationCollector young={self._young_steps} "
                 f"deep={self._deep_sweeps} heap={self._heap}/{self._heap_base}>")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Look every ``check_interval_s`` and collect when due; never returns."""
         self._heap_base = self._heap = self._heap_size()
-        self._token = trio.lowlevel.current_trio_token()
-        gc.callbacks.append(self._on_collection)
-        try:
-            task_status.started()
-            activity = self._activity
-            seen = activity() if activity is not None else 0
+        self._young_base = gc.get_count()[1]
+        task_status.started()
+        activity = self._activity
+        seen = activity() if activity is not None else 0
+        cpu0, wall0 = self._cpu_clock(), self._clock()
+        while True:
+            await trio.sleep(self.policy.check_interval_s)
+            cpu1, wall1 = self._cpu_clock(), self._clock()
+            busy = (cpu1 - cpu0) / max(wall1 - wall0, 1e-9)
+            idle = (busy <= self.policy.idle_cpu_share
+                    and trio.lowlevel.current_statistics().tasks_runnable == 0)
+            active = False
+            if activity is not None:
+                now_seen = activity()
+                active, seen = now_seen != seen, now_seen
+            self.step(idle=idle, now=wall1, active=active)
+            # What the collection itself cost is not load: measure from after it.
             cpu0, wall0 = self._cpu_clock(), self._clock()
-            while True:
-                await trio.sleep(self.policy.check_interval_s)
-                cpu1, wall1 = self._cpu_clock(), self._clock()
-                busy = (cpu1 - cpu0) / max(wall1 - wall0, 1e-9)
-                idle = (busy <= self.policy.idle_cpu_share
-                        and trio.lowlevel.current_statistics().tasks_runnable == 0)
-                active = False
-                if activity is not None:
-                    now_seen = activity()
-                    active, seen = now_seen != seen, now_seen
-                self.step(idle=idle, now=wall1, active=active)
-                # What the collection itself cost is not load: measure from after it.
-                cpu0, wall0 = self._cpu_clock(), self._clock()
-        finally:
-            gc.callbacks.remove(self._on_collection)
-            self._token = None
 
-    def _pending(self) -> int:
-        """Young collections that promoted objects since the latest step.
+    def young_objects(self) -> int:
+        """An estimate of the objects a young step would walk.
 
-        ``gc.get_count()[2]`` counts them since the latest *collection* of the
-        old generation; a step that only froze does not reset it, so the
-        count it left is the baseline until a collection does.
+        Generation 0's count, plus a full generation 0 (the threshold) for
+        each automatic collection since the latest step: their survivors
+        wait in generation 1.  (The count is allocations minus deallocations,
+        so it can fall behind what the list holds; the measured seconds per
+        object absorb that.)
         """
-        count = gc.get_count()[2]
-        if count < self._pending_base:
-            self._pending_base = 0  # the old generation was collected since
-        return count - self._pending_base
-
-    def _over_budget(self, pending: int) -> bool:
-        return pending * self._s_per_promotion >= self.policy.max_step_s
-
-    def _on_collection(self, phase: str, info: Mapping[str, Any]) -> None:
-        """``gc.callbacks``: after a gen-1 collection, ask for a step once it is due.
-
-        Runs inside the collector, in any thread: it only reads a count and,
-        at most once per step, hands a callback to the trio loop.
-        """
-        if phase != "stop" or info["generation"] != 1 or self._wake_asked:
-            return
-        if not self._over_budget(self._pending()):
-            return
-        token = self._token
-        if token is None:
-            return
-        self._wake_asked = True
-        try:
-            token.run_sync_soon(self._forced_look)
-        except trio.RunFinishedError:
-            pass
-
-    def _forced_look(self) -> None:
-        """On the trio loop, outside any collection: run the step that came due."""
-        self._wake_asked = False
-        pending = self._pending()
-        if pending and self._over_budget(pending):
-            self._promoted(pending, forced=True)
+        count0, count1, _ = gc.get_count()
+        collections = count1 - self._young_base
+        if collections < 0:  # generation 1 was collected since (by someone else)
+            collections = count1
+        return count0 + collections * gc.get_threshold()[0]
 
     def step(self, *, idle: bool, now: float, active: bool = False) -> str | None:
-        """One look: run what is due.  Returns ``"deep"``, ``"promoted"`` or None.
+        """One look: run what is due.  Returns ``"deep"``, ``"young"``, ``"frozen"`` or None.
 
         Args:
             idle: the process was idle-ish since the previous look.
@@ -573,68 +532,43 @@ class OldGenerationCollector:
             if quiet_for >= policy.deep_idle_s or overdue:
                 self._deep(forced=quiet_for < policy.deep_idle_s)
                 return "deep"
-        pending = self._pending()  # gen-1 collections since the old generation's last one
-        if not pending:
-            self._pending_since = None
-            if idle and gc.get_count()[1] > 0:
-                self._young_step()
-                return "promoted"
-            return None
-        if self._pending_since is None:
-            self._pending_since = now
-        forced = self._over_budget(pending) or now - self._pending_since >= policy.max_defer_s
-        if idle or forced:
-            self._promoted(pending, forced=not idle)
-            return "promoted"
-        return None
+        return self._young_step()
 
-    def _promoted(self, pending: int, *, forced: bool) -> None:
-        self._pending_since = None
-        self._promoted_steps += 1
-        if forced:
-            self._forced_steps += 1
-            if self._over_budget(pending):
-                # Under load, and collecting would take longer than max_step_s:
-                # freeze what was promoted as it is (no pause; see the module
-                # docstring), and leave its garbage to the next deep sweep.
-                gc.freeze()
-                self._frozen_steps += 1
-                self._pending_base = gc.get_count()[2]
-                return
-        started = time.perf_counter()
-        self._collected += gc.collect(2)
-        gc.freeze()
-        self._pending_base = 0
-        took = time.perf_counter() - started
-        self._last_step_s = took
-        # The next estimate: what the recent steps cost per promotion (never zero).
-        self._s_per_promotion = max((self._s_per_promotion + took / pending) / 2, 1e-6)
+    def _young_step(self) -> str | None:
+        """Collect the young generations and freeze what is left, or only freeze.
 
-    def _young_step(self) -> None:
-        """At an idle-ish moment: collect the young generations and freeze what is left.
-
-        Survivors of generation-0 collections wait in generation 1 (up to
-        ``threshold0 * threshold1`` objects after a burst of new sessions);
-        collected now, while nobody waits, the next generation-1 collection
-        under load walks only what came since.  Nothing was promoted since the
-        latest step (the old generation is empty), so ``collect(1)`` and a
-        freeze leave every generation empty.
+        Nothing young (no allocation since the latest step): nothing to do.
         """
+        objects = self.young_objects()
+        if objects <= 0:
+            return None
+        self._young_steps += 1
+        if objects * self._s_per_object > self.policy.max_step_s:
+            # Too many to walk within max_step_s (a burst of new sessions):
+            # freeze them as they are, garbage included (the deep sweep's).
+            gc.freeze()
+            self._young_base = gc.get_count()[1]
+            self._frozen_steps += 1
+            return "frozen"
+        started = time.perf_counter()
         self._collected += gc.collect(1)
         gc.freeze()
-        self._pending_base = gc.get_count()[2]  # (collect(1) counts in it)
-        self._promoted_steps += 1
+        took = time.perf_counter() - started
+        self._young_base = gc.get_count()[1]
+        self._last_step_s = took
+        # The next estimate: halfway to what this step cost per object.
+        self._s_per_object = max((self._s_per_object + took / objects) / 2, 1e-9)
+        return "young"
 
     def _deep(self, *, forced: bool) -> None:
         started = time.perf_counter()
         gc.unfreeze()
         self._collected += gc.collect()
         gc.freeze()
-        self._pending_base = 0
+        self._young_base = gc.get_count()[1]
         self._last_deep_s = time.perf_counter() - started
         self._heap_base = self._heap = self._heap_size()
         self._doubled_at = None
-        self._pending_since = None
         self._deep_sweeps += 1
         if forced:
             self._forced_deep += 1
@@ -643,11 +577,10 @@ class OldGenerationCollector:
 
     def statistics(self) -> CollectorStatistics:
         return CollectorStatistics(
-            promoted_steps=self._promoted_steps, forced_steps=self._forced_steps,
-            frozen_steps=self._frozen_steps,
+            young_steps=self._young_steps, frozen_steps=self._frozen_steps,
             deep_sweeps=self._deep_sweeps, forced_deep_sweeps=self._forced_deep,
             collected=self._collected, heap_blocks=self._heap,
-            heap_blocks_at_sweep=self._heap_base, seconds_per_promotion=self._s_per_promotion,
+            heap_blocks_at_sweep=self._heap_base, seconds_per_object=self._s_per_object,
             last_step_s=self._last_step_s, last_deep_s=self._last_deep_s)
 
 
@@ -752,9 +685,8 @@ class GcController:
         if self.collector is not None:
             cs = self.collector.statistics()
             fams.append(labelled(
-                "podterm_gc_old_generation_collections_total", "counter",
-                "Old-generation collections run by the idle collector, by kind.", "kind",
-                {"promoted": cs.promoted_steps, "promoted_forced": cs.forced_steps,
-                 "promoted_frozen": cs.frozen_steps,
+                "podterm_gc_collector_steps_total", "counter",
+                "Steps of the low-latency collector, by kind: young (collect the young generations, freeze the rest), young_frozen (freeze only), deep (unfreeze, full collection, freeze).", "kind",
+                {"young": cs.young_steps, "young_frozen": cs.frozen_steps,
                  "deep": cs.deep_sweeps, "deep_forced": cs.forced_deep_sweeps}))
         return fams

@@ -62,7 +62,7 @@ async def test_low_latency_profile_is_applied_while_the_gateway_runs(
         with trio.fail_after(WAIT_S):
             text = (await gw.rest("GET", "/metrics", token=None)).body.decode()
         assert 'podterm_gc_profile_info{profile="low-latency"} 1' in text
-        assert "# TYPE podterm_gc_old_generation_collections_total counter" in text
+        assert "# TYPE podterm_gc_collector_steps_total counter" in text
         gw.gw.shutdown("test over")
         with trio.fail_after(WAIT_S):
             await gw.finished.wait()

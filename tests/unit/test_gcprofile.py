@@ -1,9 +1,8 @@
-"""GC profiles: what each sets, the pause histogram, the idle old-generation collector."""
+"""GC profiles: what each sets, the pause histogram, the low-latency collector."""
 
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -45,14 +44,6 @@ class _Cycle:
         self.me = self
 
 
-def _promote() -> list[list[int]]:
-    """Make a gen-1 collection promote objects into the old generation; keep them alive."""
-    keep: list[list[int]] = [[] for _ in range(50)]
-    gc.collect(1)
-    assert gc.get_count()[2] >= 1
-    return keep
-
-
 # ------------------------------------------------------------------ profiles
 
 
@@ -91,12 +82,12 @@ async def test_each_profile_sets_what_it_says_and_restores_on_exit(
     assert not recorder.is_installed
 
 
-def test_low_latency_turns_automatic_full_collections_off() -> None:
+def test_low_latency_collects_only_generation_0_by_itself() -> None:
     t0, t1, t2 = PROFILES["low-latency"].thresholds or (0, 0, 0)
-    assert t2 == NEVER
-    # Young collections stay bounded: a gen-1 one walks at most the survivors
-    # of t1 + 1 gen-0 collections of ~t0 objects each (a burst of new sessions).
-    assert t0 * (t1 + 1) <= 30_000 and t1 <= 2
+    # No automatic collection walks what survived a young one (the collector's
+    # young steps do, every look), and a gen-0 one walks about t0 objects.
+    assert (t1, t2) == (NEVER, NEVER)
+    assert t0 <= 2_000
     assert PROFILES["throughput"].thresholds == (50_000, 50, 100)
     assert PROFILES["default"].thresholds is None
 
@@ -212,11 +203,11 @@ def test_metric_families_name_the_profile_and_the_worst_pause(gc_state: None) ->
     assert 'podterm_gc_profile_info{profile="low-latency"} 1' in text
     assert 'podterm_gc_pause_max_seconds{generation="2"} 0.007' in text
     assert 'podterm_gc_pause_seconds_count{generation="2"} 1' in text
-    assert "# TYPE podterm_gc_old_generation_collections_total counter" in text
+    assert "# TYPE podterm_gc_collector_steps_total counter" in text
     assert "podterm_gc_frozen_objects" not in text  # counting them walks the heap
 
 
-# ------------------------------------------------------- old-generation collector
+# ------------------------------------------------------- the low-latency collector
 
 
 class _Heap:
@@ -235,113 +226,61 @@ def _collector(heap: _Heap | None = None, **policy: Any) -> OldGenerationCollect
 
 
 def _fresh_old_generation() -> None:
-    """Start-up as the profile does it: collect, freeze; nothing pending after."""
+    """Start-up as the profile does it: collect, freeze; nothing young or old after."""
     gc.collect()
     gc.freeze()
-    assert gc.get_count()[2] == 0
+    assert gc.get_count()[1:] == (0, 0)
 
 
-def test_promoted_objects_are_collected_and_frozen_at_an_idle_moment(gc_state: None) -> None:
+def test_a_young_step_collects_the_young_generations_and_freezes_what_is_left(
+        gc_state: None) -> None:
     _fresh_old_generation()
     col = _collector(max_step_s=10.0)
-    assert col.step(idle=True, now=0.0) is None  # nothing promoted yet
-    kept = _promote()
+    dead = _Cycle()
+    ref = weakref.ref(dead)
+    kept = _Cycle()
+    gc.collect(0)  # both survive into generation 1, which no automatic collection walks
+    del dead
     frozen = gc.get_freeze_count()
-    assert col.step(idle=False, now=1.0) is None  # busy, and far from max_step_s
-    assert col.step(idle=True, now=2.0, active=True) == "promoted"  # traffic is no matter
-    assert gc.get_count()[2] == 0
-    assert gc.get_freeze_count() > frozen  # what survived is frozen now
-    st = col.statistics()
-    assert (st.promoted_steps, st.forced_steps, st.deep_sweeps) == (1, 0, 0)
-    assert st.last_step_s > 0
-    # The next estimate moves halfway to what this step cost per promotion.
-    assert st.seconds_per_promotion == pytest.approx(
-        max((0.0035 + st.last_step_s) / 2, 1e-6))
+    assert col.young_objects() >= gc.get_threshold()[0]  # a full gen 0 per collection since
+    assert col.step(idle=False, now=0.0, active=True) == "young"  # load is no matter
+    assert ref() is None  # the garbage among the young is collected ...
+    assert gc.get_freeze_count() > frozen and gc.get_count()[1:] == (0, 0)  # ... the rest frozen
     assert gc.is_tracked(kept)
-
-
-def test_a_step_is_forced_once_its_estimate_reaches_max_step_s(gc_state: None) -> None:
-    _fresh_old_generation()
-    col = _collector(max_step_s=0.006)  # the first estimate is 3.5 ms per promotion
-    kept = [_promote()]
-    assert col.step(idle=False, now=0.0) is None
-    kept.append(_promote())
-    assert col.step(idle=False, now=0.1) == "promoted"
     st = col.statistics()
-    assert (st.promoted_steps, st.forced_steps) == (1, 1)
-    assert len(kept) == 2
+    assert (st.young_steps, st.frozen_steps, st.deep_sweeps) == (1, 0, 0)
+    assert st.last_step_s > 0 and st.collected >= 1
+    assert st.seconds_per_object != 3e-7  # the estimate follows what the step cost
 
 
-def test_a_forced_step_over_its_budget_freezes_without_collecting(gc_state: None) -> None:
+def test_a_step_over_its_budget_only_freezes(gc_state: None) -> None:
     _fresh_old_generation()
-    col = _collector(max_step_s=0.006)  # the first estimate is 3.5 ms per promotion
+    col = _collector(max_step_s=1e-12)  # no walk fits: a burst of new sessions
     cycle = _Cycle()
     ref = weakref.ref(cycle)
-    kept = [_promote()]
-    kept.append(_promote())  # the cycle is in the old generation now
+    gc.collect(0)
     del cycle
     frozen = gc.get_freeze_count()
-    assert col.step(idle=False, now=0.0) == "promoted"
+    assert col.step(idle=True, now=0.0) == "frozen"
     st = col.statistics()
-    assert (st.promoted_steps, st.forced_steps, st.frozen_steps) == (1, 1, 1)
+    assert (st.young_steps, st.frozen_steps) == (1, 1)
     assert st.collected == 0 and st.last_step_s == 0  # nothing walked, no pause
     assert gc.get_freeze_count() > frozen
     assert ref() is not None  # garbage among it waits for a deep sweep
-    # The promotions it froze are not pending any more: nothing to do under load.
-    assert col.step(idle=False, now=0.1) is None
-    kept.append(_promote())
-    kept.append(_promote())
-    assert col.step(idle=False, now=0.2) == "promoted"  # two new ones: due again
-    assert col.statistics().frozen_steps == 2
-    assert len(kept) == 4
+    # What it froze is no longer young: only new allocations count.
+    assert col.young_objects() < gc.get_threshold()[0]
 
 
-def test_an_idle_moment_collects_and_freezes_the_young_survivors(gc_state: None) -> None:
+def test_young_objects_counts_what_waits_in_the_young_generations(gc_state: None) -> None:
     _fresh_old_generation()
-    col = _collector(max_step_s=10.0)
-    cycle = _Cycle()
-    ref = weakref.ref(cycle)
-    gc.collect(0)  # the cycle survives into generation 1 ...
-    assert gc.get_count()[1] >= 1 and gc.get_count()[2] == 0  # ... nothing promoted
-    del cycle
-    assert col.step(idle=False, now=0.0) is None  # busy: left alone
-    assert col.step(idle=True, now=1.0) == "promoted"
-    assert ref() is None  # collected
-    assert gc.get_count()[1] == 0  # generation 1 is empty
-    assert col.step(idle=True, now=2.0) is None  # and the collection is not "pending"
-    assert col.statistics().promoted_steps == 1
-
-
-def test_a_step_is_forced_after_max_defer_s(gc_state: None) -> None:
-    _fresh_old_generation()
-    col = _collector(max_defer_s=5.0, max_step_s=10.0)
-    kept = _promote()
-    assert col.step(idle=False, now=0.0) is None
-    assert col.step(idle=False, now=4.9) is None
-    assert col.step(idle=False, now=5.0) == "promoted"
-    assert col.statistics().forced_steps == 1
-    assert len(kept) == 50
-
-
-@pytest.mark.trio
-async def test_a_promotion_that_makes_a_step_due_runs_it_without_waiting_for_a_look(
-        gc_state: None) -> None:
-    _fresh_old_generation()
-    # Never idle, and looks far apart: only the gc.callbacks hook can start the step.
-    col = OldGenerationCollector(IdlePolicy(check_interval_s=3600, max_step_s=1e-9),
-                                 cpu_clock=time.monotonic)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(col.run)
-            kept = _promote()  # a gen-1 collection: the hook asks the loop for the step
-            while col.statistics().promoted_steps == 0:
-                await trio.sleep(0)
-            st = col.statistics()
-            assert (st.promoted_steps, st.forced_steps) == (1, 1)
-            assert gc.get_count()[2] == 0
-            nursery.cancel_scope.cancel()
-    assert col._on_collection not in gc.callbacks  # the hook goes with the task
-    assert len(kept) == 50
+    col = _collector()
+    t0 = gc.get_threshold()[0]
+    assert col.young_objects() < t0
+    gc.collect(0)
+    gc.collect(0)
+    assert col.young_objects() >= 2 * t0
+    col.step(idle=False, now=0.0)
+    assert col.young_objects() < t0
 
 
 def test_only_a_deep_sweep_frees_cycles_among_frozen_objects(gc_state: None) -> None:
@@ -350,22 +289,19 @@ def test_only_a_deep_sweep_frees_cycles_among_frozen_objects(gc_state: None) -> 
     col = _collector(heap, max_step_s=10.0, deep_min_blocks=1, deep_idle_s=0.5)
     cycle = _Cycle()
     ref = weakref.ref(cycle)
-    kept = _promote()
-    assert col.step(idle=True, now=0.0) == "promoted"  # the cycle is frozen now
+    assert col.step(idle=True, now=0.0) == "young"  # alive: the cycle is frozen now
     del cycle
-    kept += _promote()
-    assert col.step(idle=True, now=1.0) == "promoted"
-    assert ref() is not None  # frozen: promoted steps never look at it
+    assert col.step(idle=True, now=1.0) == "young"
+    assert ref() is not None  # frozen: young steps never look at it
     heap.blocks = 1_250_000  # a deep sweep is due once the heap grew by 25%
-    assert col.step(idle=False, now=1.5) is None  # due, but busy
-    assert col.step(idle=True, now=2.0) is None  # quiet, but not for deep_idle_s yet
+    assert col.step(idle=False, now=1.5) != "deep"  # due, but busy
+    assert col.step(idle=True, now=2.0) != "deep"  # quiet, but not for deep_idle_s yet
     assert col.step(idle=True, now=2.6) == "deep"
     assert ref() is None
     st = col.statistics()
     assert st.deep_sweeps == 1 and st.forced_deep_sweeps == 0 and st.last_deep_s > 0
     assert st.heap_blocks_at_sweep == 1_250_000  # the next one is due at 25% over this
     assert gc.get_freeze_count() > 0
-    assert len(kept) == 100
 
 
 def test_a_deep_sweep_waits_while_traffic_flows(gc_state: None) -> None:
@@ -373,9 +309,9 @@ def test_a_deep_sweep_waits_while_traffic_flows(gc_state: None) -> None:
     heap = _Heap(1_000_000)
     col = _collector(heap, deep_min_blocks=1, deep_idle_s=0.5)
     heap.blocks = 1_300_000
-    assert col.step(idle=True, now=0.0, active=True) is None
-    assert col.step(idle=True, now=1.0, active=True) is None  # an idle CPU, but traffic
-    assert col.step(idle=True, now=1.1) is None  # quiet from here
+    assert col.step(idle=True, now=0.0, active=True) != "deep"
+    assert col.step(idle=True, now=1.0, active=True) != "deep"  # an idle CPU, but traffic
+    assert col.step(idle=True, now=1.1) != "deep"  # quiet from here
     assert col.step(idle=True, now=1.7) == "deep"
 
 
@@ -385,42 +321,35 @@ def test_a_deep_sweep_waits_for_quiet_unless_the_heap_doubled_long_ago(
     heap = _Heap(1_000_000)
     col = _collector(heap, deep_min_blocks=1, deep_max_defer_s=5.0)
     heap.blocks = 1_500_000  # due, not doubled: only a quiet moment runs it
-    assert col.step(idle=False, now=0.0) is None
-    assert col.step(idle=False, now=10.0) is None
+    assert col.step(idle=False, now=0.0) != "deep"
+    assert col.step(idle=False, now=10.0) != "deep"
     heap.blocks = 2_500_000  # doubled from here
-    assert col.step(idle=False, now=10.0) is None
-    assert col.step(idle=False, now=14.9) is None
+    assert col.step(idle=False, now=10.0) != "deep"
+    assert col.step(idle=False, now=14.9) != "deep"
     assert col.step(idle=False, now=15.0) == "deep"
     assert col.statistics().forced_deep_sweeps == 1
 
 
 @pytest.mark.trio
-async def test_the_loop_collects_once_the_process_is_idle(
+async def test_the_loop_takes_a_young_step_every_look_busy_or_not(
         gc_state: None, autojump_clock: trio.testing.MockClock) -> None:
     _fresh_old_generation()
-    # The process's CPU clock runs with the (mock) wall clock while busy and
-    # stands still once quiet.
-    busy = True
-    quiet_at = 0.0
-
-    def cpu() -> float:
-        return trio.current_time() if busy else quiet_at
-
+    # Always busy: the process's CPU clock runs with the (mock) wall clock.
     col = OldGenerationCollector(IdlePolicy(check_interval_s=0.1, max_step_s=10.0),
-                                 cpu_clock=cpu, clock=trio.current_time)
+                                 cpu_clock=trio.current_time, clock=trio.current_time)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(col.run)
-            kept = _promote()
-            await trio.sleep(0.55)  # five looks, all busy: nothing runs
-            assert col.statistics().promoted_steps == 0
-            busy, quiet_at = False, trio.current_time()
-            while col.statistics().promoted_steps == 0:
+            dead = _Cycle()
+            ref = weakref.ref(dead)
+            gc.collect(0)  # into generation 1, which nothing automatic walks
+            del dead
+            started = trio.current_time()
+            while ref() is not None:
                 await trio.sleep(0.1)
+            assert trio.current_time() - started <= 0.25  # the next look took it
+            assert col.statistics().young_steps >= 1
             nursery.cancel_scope.cancel()
-    assert gc.get_count()[2] == 0
-    assert trio.current_time() - quiet_at < 1.0
-    assert len(kept) == 50
 
 
 def test_bad_policies_are_refused() -> None:
@@ -447,8 +376,7 @@ async def test_the_loop_sweeps_only_once_nobody_is_served(
         async with trio.open_nursery() as nursery:
             await nursery.start(col.run)
             heap.blocks = 2_000_000
-            kept = _promote()
-            while col.statistics().promoted_steps == 0:
+            while col.statistics().young_steps == 0:
                 served += 1
                 await trio.sleep(0.05)
             for _ in range(40):  # 2 s of traffic: no deep sweep however idle the CPU
@@ -460,5 +388,4 @@ async def test_the_loop_sweeps_only_once_nobody_is_served(
                 await trio.sleep(0.05)
             assert trio.current_time() - stopped >= 0.5
             nursery.cancel_scope.cancel()
-    assert len(kept) == 50
 
