@@ -611,6 +611,14 @@ async def test_an_idle_links_heartbeat_starts_no_task(
         await original(self)
 
     monkeypatch.setattr(attach_module._Link, "_receiver_task", counted)
+    senders: list[float] = []
+    original_sender = attach_module._Link.run_sender
+
+    async def counted_sender(self: Any) -> None:
+        senders.append(trio.current_time())
+        await original_sender(self)
+
+    monkeypatch.setattr(attach_module._Link, "run_sender", counted_sender)
     gateway = await make_gateway(session_limits=SessionLimits(heartbeat_interval_s=0.1))
     with trio.fail_after(WAIT_S):
         created = await gateway.create(["cat"], tty=False)
@@ -624,12 +632,15 @@ async def test_an_idle_links_heartbeat_starts_no_task(
                     pass
 
             nursery.start_soon(read)
+            await _wait_until(lambda: att.parked)  # the hello is out
+            senders_before = len(senders)
             seen: set[float] = set()
             while len(seen) < 6:  # six heartbeats, each answered
                 if att.timer_at is not None:
                     seen.add(att.timer_at)
                 await trio.sleep(0.02)
-            assert started == []  # no receiver task for any PONG
+            assert started == []  # no receiver task for any PONG ...
+            assert len(senders) == senders_before  # ... nor a sender task for a PING
             assert gateway.gw.counters.snapshot().heartbeat_failures == 0
             await client.send_stdin(b"after\n")  # input: applied by the watcher's call too
             await _wait_until(lambda: bytes(client.output) == b"after\n")

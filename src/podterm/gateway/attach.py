@@ -320,6 +320,7 @@ class _Link(LivesOn):
         # Whoever waits for one of the two flags (wait_until), made on first use.
         self._lot: trio.lowlevel.ParkingLot | None = None
         att.flush = self.flush_output
+        att.ping = self.ping_nowait
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` (on :attr:`rx_done`, :attr:`sender_done`) holds."""
@@ -569,6 +570,7 @@ class _Link(LivesOn):
         self.finished = True
         att = self.att
         att.flush = None
+        att.ping = None
         att.starter = None
         if att.timer_at is not None:
             deadline_timer().cancel(att)  # not held until its next PING was due
@@ -760,6 +762,34 @@ class _Link(LivesOn):
             log.exception("session.attach.flush_failed %s", session.id)
             att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
         return False  # the sender finishes the write (or the close)
+
+    def ping_nowait(self) -> bool:
+        """Send the heartbeat's PING from the timer's task while the sender is parked.
+
+        Called by :meth:`Attachment.timer_due`.  Returns False, having sent
+        nothing, when the sender has to run instead: anything else due (a
+        notice, a close), a verdict to act on (no PONG to the latest PINGs),
+        or a stream that cannot take a write now.  A PING the socket only
+        took part of stays queued in the stream, and the sender is woken to
+        finish it.
+        """
+        att = self.att
+        ws = self.ws
+        if att.close is not None or att.gone or att.notices or not ws.can_send_nowait():
+            return False
+        hb = self.hb
+        ping = hb.poll(trio.current_time())
+        if ping is None:
+            return False  # not due after all, or dead: the sender decides
+        try:
+            if not ws.send_nowait([ws.conn.send_ping(ping)]):
+                return False
+        except Exception:  # never into the timer's task: the link ends instead
+            log.exception("session.attach.ping_failed %s", self.session.id)
+            att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+            return False
+        deadline_timer().schedule(att, hb.deadline)
+        return True
 
     def _exit_message(self, reason: str) -> bytes:
         status = self.session.exit_status

@@ -272,7 +272,7 @@ class Attachment:
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
                  "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
-                 "ack_queued", "ack_overdue", "timer_at", "starter", "_lot")
+                 "ping", "ack_queued", "ack_overdue", "timer_at", "starter", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -292,6 +292,8 @@ class Attachment:
         self.parked = False
         #: The relay's synchronous send of new output (see :meth:`output_ready`).
         self.flush: Callable[[], bool] | None = None
+        #: The relay's synchronous send of a heartbeat PING (see :meth:`timer_due`).
+        self.ping: Callable[[], bool] | None = None
         #: In the :class:`AckTimer`'s queue now.
         self.ack_queued = False
         #: The deferred input ACK waited its :data:`INPUT_ACK_DELAY_S`: send it alone.
@@ -366,8 +368,15 @@ class Attachment:
             self.wake()
 
     def timer_due(self) -> None:
-        """:class:`DeadlineTimer`: the link's heartbeat deadline came; wake the sender."""
-        self.wake()
+        """:class:`DeadlineTimer`: the link's heartbeat deadline came.
+
+        While the sender is parked, the relay's :attr:`ping` may send the
+        PING from the timer's task (no sender task per heartbeat); it returns
+        False when it could not, and the sender is woken instead.
+        """
+        ping = self.ping
+        if ping is None or not self.parked or not ping():
+            self.wake()
 
     async def wait_woken(self) -> None:
         """Park the sender until :meth:`wake` (the caller bounds it with a deadline)."""
