@@ -596,6 +596,36 @@ async def test_a_typing_links_keystrokes_start_no_task(
         await _finish(gateway, created["id"])
 
 
+async def test_the_hello_goes_out_without_a_sender_task(
+        gateway: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link's first batch (the 101, the hello, the replay) is written by the
+    connection's own task when the socket takes it at once; the exit of a
+    process that ended before the attach is still the sender's (EXIT, 1000)."""
+    from podterm.gateway import attach as attach_module
+
+    senders: list[float] = []
+    original = attach_module._Link.run_sender
+
+    async def counted(self: Any) -> None:
+        senders.append(trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(attach_module._Link, "run_sender", counted)
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "echo hi; exec cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await client.wait_for(lambda c: bytes(c.output) == b"hi\n")
+        assert senders == []
+        await client.aclose()
+        await _finish(gateway, created["id"])
+        done = await gateway.create(["true"], tty=False)
+        await _wait_until(lambda: gateway.registry.get(done["id"]).is_exited)
+        late = await gateway.attach(done["id"])
+        assert await late.wait_closed() == 1000  # EXIT, then the close: the sender's
+        assert senders
+
+
 async def test_an_idle_links_heartbeat_starts_no_task(
         make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The PONG to a heartbeat PING is read by the idle watcher's call itself

@@ -269,7 +269,12 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     # identity and client address for the audit), whoever starts it.
     att.starter = functools.partial(link.context.run, home.start_soon, link.run_sender)
     att.parked = True
-    att.wake()  # the hello (and whatever else is queued)
+    # The hello (and the 101 before it, the replay after it) from this task
+    # when the socket takes it at once; else the sender task sends it.
+    if link.flush_output():
+        deadline_timer().schedule(att, link.hb.deadline)
+    else:
+        att.wake()
     if await link.run_receiver():
         return link  # idle: the watcher starts a receiver when the client writes
     return None
@@ -728,25 +733,32 @@ class _Link(LivesOn):
             return False
 
     def flush_output(self) -> bool:
-        """Send new output from the session's task while the sender is parked.
+        """Send what is due from the caller's task while the sender is parked.
 
         Called synchronously by :meth:`Attachment.output_ready` (the output
-        pump appended to the ring): the batch the sender would send — the input
-        ACK if one is due, then the output — goes out in one non-blocking
-        write, without waking the sender.  Returns False, having sent nothing,
-        when anything else is due (notices, a close, a PING) or the stream
-        cannot take a write now; then the sender is woken instead.  What the
-        socket does not take at once stays queued in the stream, and the
-        sender is woken to finish it under its stall bound.
+        pump appended to the ring), and by :func:`relay` for a link's first
+        batch: the batch the sender would send (notices such as the hello,
+        the input ACK if one is due, then the output) goes out in one
+        non-blocking write, without waking the sender.  Returns False when
+        the sender has to run instead: a close or a PING due (nothing sent
+        then), the stream cannot take a write now, what it wrote did not
+        all go at once (the rest stays queued in the stream and the sender
+        finishes it under its stall bound), more output is due than one
+        batch holds, or the process has exited (EXIT is the sender's).
         """
         att = self.att
         ws = self.ws
-        if (att.close is not None or att.gone or att.notices or not ws.can_send_nowait()
+        if (att.close is not None or att.gone or not ws.can_send_nowait()
                 or trio.current_time() >= self.hb.deadline):
             return False
         session = self.session
         parts: list[Buffer] = []
         try:
+            if att.notices:
+                send_binary = ws.conn.send_binary
+                for notice in att.notices:
+                    parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
+                att.notices.clear()
             if att is session.writer:
                 ack = session.in_written
                 if ack > att.in_ack_sent:
@@ -754,10 +766,14 @@ class _Link(LivesOn):
                     prefix, body = encode_ack(ack)
                     parts.append(ws.conn.send_binary(body, prefix))
             self._collect_output(parts)
-            if not parts:
+            if not parts and not ws.has_pending_out:
                 return True  # no credit: nothing the sender could send either
-            if ws.send_nowait(parts):
-                return True
+            if not ws.send_nowait(parts):
+                return False
+            if session.is_exited and not att.exit_sent:
+                return False  # EXIT (and the close) are the sender's
+            ring = session.ring
+            return att.sent >= min(ring.end, att.acked + session.limits.window_bytes)
         except Exception:  # never into the session's task: the link ends instead
             log.exception("session.attach.flush_failed %s", session.id)
             att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")

@@ -644,14 +644,18 @@ class WebSocketStream:
             if self.conn.state is not _OPEN or self._send_broken:
                 raise self._send_refused()
             parts = _batch_parts(data)
-            if self._pending_out is None:
-                written, total = self._write_nowait(parts)
-                if written == total and not self.conn.has_data_to_send:
-                    return True
-                if written:
-                    parts = _rest(parts, written)
+            pending = self._pending_out
+            if pending is not None:  # (a deferred 101, the rest of a send_nowait) first
+                parts = pending + parts
+            written, total = self._write_nowait(parts)
+            if written == total and not self.conn.has_data_to_send:
+                self._pending_out = None
+                return True
+            # Kept as pending while this waits: a cancellation before the
+            # next write leaves the stream whole, the rest still queued.
+            self._pending_out = _rest(parts, written) if written < total else None
             with trio.move_on_after(stall_s) as stalled:
-                await self._send_locked(parts)
+                await self._send_locked([])
             return not stalled.cancelled_caught
         finally:
             self._release_writer()
@@ -663,7 +667,7 @@ class WebSocketStream:
 
     def can_send_nowait(self) -> bool:
         """Whether :meth:`send_nowait` would take data now (nobody writing, OPEN, TCP)."""
-        return (not self._writing and self._pending_out is None and not self._send_broken
+        return (not self._writing and not self._send_broken
                 and self.conn.state is _OPEN and not self.conn.has_data_to_send
                 and type(self.stream) is trio.SocketStream)
 
@@ -682,8 +686,12 @@ class WebSocketStream:
         if not self.can_send_nowait():
             raise LocalProtocolError("send_nowait() while the stream cannot take it")
         parts = _batch_parts(data)
+        pending = self._pending_out
+        if pending is not None:  # (a deferred 101, the rest of a previous send_nowait) first
+            parts = pending + parts
         written, total = self._write_nowait(parts)
         if written == total:
+            self._pending_out = None
             return True
         self._pending_out = _rest(parts, written)
         return False
