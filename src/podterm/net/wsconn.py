@@ -79,6 +79,7 @@ __all__ = [
     "IOV_BATCH",
     "Batch",
     "ConnectionClosed",
+    "UrandomMaskKeys",
     "WebSocketStream",
     "accept_on",
     "client_handshake",
@@ -1071,9 +1072,30 @@ async def accept_on(
                            initial=trailing, subprotocol=subprotocol)
 
 
-def _urandom_mask_key() -> bytes:
-    # RFC 6455 §5.3: masking keys must come from "a strong source of entropy".
-    return os.urandom(4)
+class UrandomMaskKeys:
+    """Masking keys from ``os.urandom``, drawn 4 KiB (1,024 keys) at a time.
+
+    RFC 6455 §5.3: masking keys must come from "a strong source of
+    entropy"; they still do, without a ``getrandom`` system call per frame
+    (two per keystroke through an agent's tunnel).  One per connection: the
+    keys are never shared, and the 4 KiB exist only once it sends.
+    """
+
+    __slots__ = ("_buf", "_pos")
+
+    DRAW = 4096
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._buf):
+            self._buf = os.urandom(self.DRAW)
+            pos = 0
+        self._pos = pos + 4
+        return self._buf[pos:pos + 4]
 
 
 async def client_handshake(
@@ -1129,7 +1151,7 @@ async def client_handshake(
     chosen = check_response(ev, nonce, subprotocols)
     trailing, _ = h.trailing_data
     conn = WebSocketConnection(Role.CLIENT, limits=limits,
-                               mask_key_source=mask_key_source or _urandom_mask_key)
+                               mask_key_source=mask_key_source or UrandomMaskKeys())
     ws = WebSocketStream(stream, conn, read_size=read_size, close_timeout_s=close_timeout_s,
                          initial=trailing, subprotocol=chosen)
     return ws, chosen
