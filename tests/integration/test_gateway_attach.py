@@ -6,6 +6,8 @@ against a real gateway whose sessions run real processes on the local upstream.
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -492,6 +494,54 @@ async def test_a_failing_sender_aborts_its_own_link_only(gateway: GatewayUnderTe
             await client.aclose()
         await _finish(gateway, good["id"])
         await _finish(gateway, bad["id"])
+
+
+async def test_a_client_that_leaves_without_a_word_ends_its_link_with_no_task(
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIN without a CLOSE, or a reset, seen by the idle watcher's call ends the
+    link there: out of the session, the socket closed, the counts given back,
+    without starting a receiver or a sender task for it."""
+    from podterm.gateway import attach as attach_module
+
+    started: list[str] = []
+    receiver, sender = attach_module._Link._receiver_task, attach_module._Link.run_sender
+
+    async def counted_receiver(self: Any) -> None:
+        started.append("receiver")
+        await receiver(self)
+
+    async def counted_sender(self: Any) -> None:
+        started.append("sender")
+        await sender(self)
+
+    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted_receiver)
+    monkeypatch.setattr(attach_module._Link, "run_sender", counted_sender)
+    gateway = await make_gateway()
+    gw = gateway.gw
+    idle = gw.attach.idle
+    assert idle is not None
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        session = gateway.registry.get(created["id"])
+        for leave in ("fin", "reset"):
+            client = await gateway.attach(created["id"])
+            await client.wait_hello()
+            await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
+            before = list(started)
+            if leave == "reset":  # SO_LINGER 0: the close sends RST
+                client.ws.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+            await client.cut()
+            await _wait_until(lambda: len(idle) == 0 and gw._links == 0
+                              and gw._connections == 0 and session.writer is None)
+            assert started == before, leave
+        assert not session.is_exited  # detached, not ended: it waits for a resume
+        again = await gateway.attach(created["id"])  # and takes one
+        await again.wait_hello()
+        await again.send_stdin(b"back\n")
+        await again.wait_for(lambda c: bytes(c.output).endswith(b"back\n"))
+        await again.aclose()
+        await _finish(gateway, created["id"])
 
 
 async def test_a_quiet_link_ends_cleanly_whichever_side_ends_it(

@@ -513,9 +513,12 @@ class _Link(LivesOn):
                 return  # a heartbeat's PONG (or nothing): no receiver task needed
         else:
             batch = ws.take_stashed()
-            if (batch is not None and self._apply_read(batch)
-                    and idle is not None and ws.idle() and self._park_receiver(idle)):
-                return
+            if batch is not None:
+                if (self._apply_read(batch) and idle is not None and ws.idle()
+                        and self._park_receiver(idle)):
+                    return
+            elif ws.lost_nowait() and self._end_nowait():
+                return  # the client left: no task was needed to end the link
         try:
             self.context.run(self.home.start_soon, self._receiver_task)
         except RuntimeError:  # the server's nursery closed (it stopped): nobody reads
@@ -553,6 +556,25 @@ class _Link(LivesOn):
             return False
         return True
 
+    def _end_nowait(self) -> bool:
+        """End a link whose client is gone, from the watcher's call; False: not now.
+
+        Only while no task runs for the link (the sender parked, no
+        receiver) and nothing waits to be written: the end the receiver and
+        the sender would have come to (the link lost, out of the session, the
+        stream closed, the callbacks), without starting either of them.
+        """
+        att = self.att
+        if (not att.parked or att.starter is None or self.ws.has_pending_out
+                or self.backlog is not None or self.rx_scope is not None
+                or type(self.ws.stream) is not trio.SocketStream):
+            return False
+        self._ended()
+        att.mark_gone()
+        self.rx_done = True
+        self.context.run(self._finish_nowait)
+        return True
+
     def _stop_receiver(self) -> None:
         """Stop receiving for good (the sender ends or closes the link)."""
         if self.rx_fd >= 0:  # quiet: no task to stop
@@ -572,6 +594,26 @@ class _Link(LivesOn):
         """Close the link (once): out of the session, the stream closed, the callbacks."""
         if self.finished:
             return
+        try:
+            self._leave_session()
+        finally:
+            # Idempotent: after a close handshake this only makes sure the
+            # stream is closed; after a lost connection it closes the socket.
+            with trio.CancelScope(shield=True):
+                await self.ws.abort(CloseCode.GOING_AWAY, "")
+            self._ended_callbacks()
+
+    def _finish_nowait(self) -> None:
+        """:meth:`_finish` for a link whose client is gone: nothing to send, no wait."""
+        if self.finished:
+            return
+        try:
+            self._leave_session()
+        finally:
+            self.ws.close_nowait()
+            self._ended_callbacks()
+
+    def _leave_session(self) -> None:
         self.finished = True
         att = self.att
         att.flush = None
@@ -582,16 +624,12 @@ class _Link(LivesOn):
         if self.rx_fd >= 0 and self.idle is not None:
             self.idle.forget(self.rx_fd)
             self.rx_fd = -1
-        try:
-            self.session.detach(att)
-        finally:
-            # Idempotent: after a close handshake this only makes sure the
-            # stream is closed; after a lost connection it closes the socket.
-            with trio.CancelScope(shield=True):
-                await self.ws.abort(CloseCode.GOING_AWAY, "")
-            callbacks, self._on_end = self._on_end, None
-            for callback in callbacks or ():
-                _call_quietly(callback)
+        self.session.detach(att)
+
+    def _ended_callbacks(self) -> None:
+        callbacks, self._on_end = self._on_end, None
+        for callback in callbacks or ():
+            _call_quietly(callback)
 
     def _rejected(self, exc: PodtermError) -> None:
         if self.auditor is not None:

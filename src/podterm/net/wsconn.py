@@ -63,6 +63,7 @@ from podterm.protocol.handshake import (
 )
 from podterm.protocol.websocket import (
     DEFAULT_LIMITS,
+    ConnectionFailed,
     ConnectionState,
     Message,
     Role,
@@ -379,8 +380,10 @@ class WebSocketStream:
         except BlockingIOError:
             self._drained = True
             return True  # nothing after all
-        except OSError:
-            return False  # the reader meets the error
+        except OSError as exc:  # (a reset): as the reader would have met it
+            self.conn.receive_data(b"")
+            self._close_info = (_ABNORMAL, f"connection lost: {exc}")
+            return False
         self._drained = len(data) < self._read_size
         if not data:
             self._eof = True
@@ -396,6 +399,39 @@ class WebSocketStream:
             return True
         self._stashed = (events, saw_control)
         return False
+
+    def lost_nowait(self) -> bool:
+        """True when all :meth:`read_nowait` met was the connection's end.
+
+        A reset, or an EOF with no CLOSE and nothing before it: the stream is
+        then as a reader would leave it (``receive_batch`` raises
+        :class:`ConnectionClosed` 1006), and its owner may close it without
+        a reader (:meth:`close_nowait`).  False for anything else.
+        """
+        stashed = self._stashed
+        if stashed is None:
+            return self._close_info is not None and self._close_info[0] == _ABNORMAL
+        events = stashed[0]
+        if not self._eof or len(events) != 1 or type(events[0]) is not ConnectionFailed:
+            return False
+        self._stashed = None
+        self._close_info = (events[0].code, events[0].reason)
+        return True
+
+    def close_nowait(self) -> None:
+        """Close a plain socket stream now, from synchronous code: for a lost connection.
+
+        Nothing is sent (nobody is left to read it).  The same end as
+        :meth:`abort` for a stream whose peer is gone, without its wait.
+        """
+        if self._stream_closed:
+            return
+        if self._close_info is None:
+            self._close_info = (_ABNORMAL, "stream closed locally")
+        self._stream_closed = True
+        stream = self.stream
+        assert type(stream) is trio.SocketStream
+        stream.socket.close()  # (trio's close tells its waiters first)
 
     def take_stashed(self) -> list[Message] | None:
         """Take the data messages :meth:`read_nowait` kept, to apply them now.
