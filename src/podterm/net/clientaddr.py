@@ -39,6 +39,7 @@ headers; :func:`resolve_client` does both.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -100,6 +101,7 @@ class ClientAddress:
         return join_host_port(self.ip, self.port)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few peers (load balancers) connect again and again
 def _ip(text: str) -> _IP | None:
     """Parse an address; unwrap IPv4-mapped IPv6; None if it is not one (or has a zone)."""
     if "%" in text:

@@ -21,6 +21,7 @@ limits on IPv6 would limit nothing.  IPv4-mapped IPv6 is keyed as IPv4.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -235,6 +236,7 @@ class KeyedBuckets:
                                 evicted_active=self._evicted_active)
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once per address, not per connection
 def source_key(address: str) -> str:
     """The rate-limit key of a client address: IPv4 as is, IPv6 as its /64."""
     host = address
