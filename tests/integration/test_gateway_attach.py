@@ -535,6 +535,18 @@ async def test_a_client_that_leaves_without_a_word_ends_its_link_with_no_task(
             await _wait_until(lambda: len(idle) == 0 and gw._links == 0
                               and gw._connections == 0 and session.writer is None)
             assert started == before, leave
+        # A receiver in its task (here: no idle watcher at all) that reads the
+        # end wakes no sender either: nothing can be sent to a client that left.
+        gw.attach.idle = None
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await _wait_until(lambda: session.writer is not None and session.writer.parked)
+        before = list(started)
+        await client.cut()
+        await _wait_until(lambda: gw._links == 0 and gw._connections == 0
+                          and session.writer is None)
+        assert started == before
+        gw.attach.idle = idle
         assert not session.is_exited  # detached, not ended: it waits for a resume
         again = await gateway.attach(created["id"])  # and takes one
         await again.wait_hello()

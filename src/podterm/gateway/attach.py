@@ -361,13 +361,18 @@ class _Link(LivesOn):
         try:
             parked = await self.receive_loop()
             if not parked:
-                # The receiver stopped (the peer left or is closing, a
-                # violation, a detach): the sender finishes (CLOSE, EXIT) and
-                # ends the link.
-                self.att.wake()
-                await self.wait_until(lambda: self.sender_done)
-                if self.failed:  # (logged by the sender)
-                    await self._abort_internal()
+                if self._sender_not_needed():
+                    # The client is gone and no sender runs: nothing can be
+                    # sent, so nobody has to be woken to find that out.
+                    self._ended()
+                else:
+                    # The receiver stopped (the peer left or is closing, a
+                    # violation, a detach): the sender finishes (CLOSE, EXIT)
+                    # and ends the link.
+                    self.att.wake()
+                    await self.wait_until(lambda: self.sender_done)
+                    if self.failed:  # (logged by the sender)
+                        await self._abort_internal()
         except Exception:
             log.exception("session.attach.failed %s", self.session.id)
             await self._abort_internal()
@@ -439,7 +444,10 @@ class _Link(LivesOn):
                               ErrorMsg("bad_request", exc.message))
             self._rejected(exc)
         except ConnectionClosed as exc:
-            att.mark_gone()
+            if att.parked and att.starter is not None:
+                att.gone = True  # no sender runs: run_receiver ends the link (no wake-up)
+            else:
+                att.mark_gone()
             if exc.code in (1002, 1007, 1009) and ws.conn.close_received is None:  # bad frames
                 self._rejected(ProtocolViolation(exc.reason or "invalid frame", exc.code))
         return False
@@ -575,6 +583,12 @@ class _Link(LivesOn):
         self.context.run(self._finish_nowait)
         return True
 
+    def _sender_not_needed(self) -> bool:
+        """The link is lost and its sender parked with nothing left to write."""
+        att = self.att
+        return (att.gone and att.parked and att.starter is not None
+                and not self.ws.has_pending_out)
+
     def _stop_receiver(self) -> None:
         """Stop receiving for good (the sender ends or closes the link)."""
         if self.rx_fd >= 0:  # quiet: no task to stop
@@ -593,6 +607,12 @@ class _Link(LivesOn):
     async def _finish(self) -> None:
         """Close the link (once): out of the session, the stream closed, the callbacks."""
         if self.finished:
+            return
+        ws = self.ws
+        if ws.conn.state is ConnectionState.CLOSED and type(ws.stream) is trio.SocketStream:
+            # Nothing more can be sent (the CLOSEs were exchanged, or the
+            # client is gone): abort would only close the socket.
+            self._finish_nowait()
             return
         try:
             self._leave_session()
