@@ -455,6 +455,21 @@ async def test_an_idle_link_runs_no_task_and_is_still_pinged(
         await _finish(gateway, created["id"])
 
 
+def _count_starts(monkeypatch: pytest.MonkeyPatch, method: str) -> list[float]:
+    """Patch ``_Link.<method>`` (a task's body) to note when each such task starts."""
+    from podterm.gateway import attach as attach_module
+
+    started: list[float] = []
+    original = getattr(attach_module._Link, method)
+
+    async def counted(self: Any) -> None:
+        started.append(trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(attach_module._Link, method, counted)
+    return started
+
+
 async def _wait_until(predicate: Callable[[], bool]) -> None:
     """Poll a condition no event announces (the caller bounds the wait)."""
     while not predicate():
@@ -501,21 +516,8 @@ async def test_a_client_that_leaves_without_a_word_ends_its_link_with_no_task(
     """A FIN without a CLOSE, or a reset, seen by the idle watcher's call ends the
     link there: out of the session, the socket closed, the counts given back,
     without starting a receiver or a sender task for it."""
-    from podterm.gateway import attach as attach_module
-
-    started: list[str] = []
-    receiver, sender = attach_module._Link._receiver_task, attach_module._Link.run_sender
-
-    async def counted_receiver(self: Any) -> None:
-        started.append("receiver")
-        await receiver(self)
-
-    async def counted_sender(self: Any) -> None:
-        started.append("sender")
-        await sender(self)
-
-    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted_receiver)
-    monkeypatch.setattr(attach_module._Link, "run_sender", counted_sender)
+    receivers = _count_starts(monkeypatch, "_receiver_task")
+    senders = _count_starts(monkeypatch, "run_sender")
     gateway = await make_gateway()
     gw = gateway.gw
     idle = gw.attach.idle
@@ -527,25 +529,25 @@ async def test_a_client_that_leaves_without_a_word_ends_its_link_with_no_task(
             client = await gateway.attach(created["id"])
             await client.wait_hello()
             await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)
-            before = list(started)
+            before = (len(receivers), len(senders))
             if leave == "reset":  # SO_LINGER 0: the close sends RST
                 client.ws.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                             struct.pack("ii", 1, 0))
             await client.cut()
             await _wait_until(lambda: len(idle) == 0 and gw._links == 0
                               and gw._connections == 0 and session.writer is None)
-            assert started == before, leave
+            assert (len(receivers), len(senders)) == before, leave
         # A receiver in its task (here: no idle watcher at all) that reads the
         # end wakes no sender either: nothing can be sent to a client that left.
         gw.attach.idle = None
         client = await gateway.attach(created["id"])
         await client.wait_hello()
         await _wait_until(lambda: session.writer is not None and session.writer.parked)
-        before = list(started)
+        before = (len(receivers), len(senders))
         await client.cut()
         await _wait_until(lambda: gw._links == 0 and gw._connections == 0
                           and session.writer is None)
-        assert started == before
+        assert (len(receivers), len(senders)) == before
         gw.attach.idle = idle
         assert not session.is_exited  # detached, not ended: it waits for a resume
         again = await gateway.attach(created["id"])  # and takes one
@@ -613,16 +615,7 @@ async def test_a_typing_links_keystrokes_start_no_task(
     """A keystroke and the ACK of its echo are applied by the idle watcher's
     call itself: a typing link runs no receiver task; what must wait (input
     beyond the session's buffer) still starts one, and nothing is lost."""
-    from podterm.gateway import attach as attach_module
-
-    started: list[float] = []
-    original = attach_module._Link._receiver_task
-
-    async def counted(self: Any) -> None:
-        started.append(trio.current_time())
-        await original(self)
-
-    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted)
+    started = _count_starts(monkeypatch, "_receiver_task")
     gateway = await make_gateway(session_limits=SessionLimits(window_bytes=4096,
                                                               input_buffer_bytes=4096))
     idle = gateway.gw.attach.idle
@@ -663,16 +656,7 @@ async def test_the_hello_goes_out_without_a_sender_task(
     """A link's first batch (the 101, the hello, the replay) is written by the
     connection's own task when the socket takes it at once; the exit of a
     process that ended before the attach is still the sender's (EXIT, 1000)."""
-    from podterm.gateway import attach as attach_module
-
-    senders: list[float] = []
-    original = attach_module._Link.run_sender
-
-    async def counted(self: Any) -> None:
-        senders.append(trio.current_time())
-        await original(self)
-
-    monkeypatch.setattr(attach_module._Link, "run_sender", counted)
+    senders = _count_starts(monkeypatch, "run_sender")
     with trio.fail_after(WAIT_S):
         created = await gateway.create(["sh", "-c", "echo hi; exec cat"], tty=False)
         client = await gateway.attach(created["id"])
@@ -693,24 +677,8 @@ async def test_an_idle_links_heartbeat_starts_no_task(
     """The PONG to a heartbeat PING is read by the idle watcher's call itself
     (WebSocketStream.read_nowait): no receiver task per heartbeat; input that
     comes the same way still reaches the session, once."""
-    from podterm.gateway import attach as attach_module
-
-    started: list[float] = []
-    original = attach_module._Link._receiver_task
-
-    async def counted(self: Any) -> None:
-        started.append(trio.current_time())
-        await original(self)
-
-    monkeypatch.setattr(attach_module._Link, "_receiver_task", counted)
-    senders: list[float] = []
-    original_sender = attach_module._Link.run_sender
-
-    async def counted_sender(self: Any) -> None:
-        senders.append(trio.current_time())
-        await original_sender(self)
-
-    monkeypatch.setattr(attach_module._Link, "run_sender", counted_sender)
+    started = _count_starts(monkeypatch, "_receiver_task")
+    senders = _count_starts(monkeypatch, "run_sender")
     gateway = await make_gateway(session_limits=SessionLimits(heartbeat_interval_s=0.1))
     with trio.fail_after(WAIT_S):
         created = await gateway.create(["cat"], tty=False)
