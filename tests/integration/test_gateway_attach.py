@@ -672,6 +672,55 @@ async def test_the_hello_goes_out_without_a_sender_task(
         assert senders
 
 
+async def test_a_pty_sessions_echo_needs_no_output_pump_task(
+        gateway: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet terminal is watched, not read by a waiting pump: the echo of a
+    keystroke goes into the session from the watcher's call; output beyond
+    what the session takes at once still goes through the pump, whole."""
+    from podterm.session.session import Session
+
+    pumps: list[float] = []
+    original = Session._pump_output
+
+    async def counted(self: Session) -> None:
+        pumps.append(trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(Session, "_pump_output", counted)
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["sh", "-c", "stty -icanon; exec cat"], tty=True)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await _wait_until(lambda: tasks_in("_pump_output") == 0)  # the terminal is quiet
+        started = len(pumps)
+        for key in b"pty":
+            await client.send_stdin(bytes([key]))
+            # The terminal's echo, then cat's copy (no line discipline: -icanon).
+            await client.wait_for(lambda c, k=bytes([key]) * 2: bytes(c.output).endswith(k))
+        assert bytes(client.output).endswith(b"ppttyy")
+        assert len(pumps) == started  # no pump task for the echoes
+        await client.aclose()
+        await _finish(gateway, created["id"])
+        # 400 KB at once: more than the window and the ring; the pump takes
+        # over for the flow control, and leaves once the terminal is quiet.
+        bulk = await gateway.create(
+            ["sh", "-c", "read go; head -c 400000 /dev/zero | tr '\\000' z; read end"],
+            tty=True)
+        client = await gateway.attach(bulk["id"])
+        await client.wait_hello()
+        await _wait_until(lambda: tasks_in("_pump_output") == 0)
+        started = len(pumps)
+        await client.send_stdin(b"\n")
+        # Unread, unacknowledged: the window fills, the session refuses the
+        # rest, and a pump task waits for the client's credit.
+        await _wait_until(lambda: len(pumps) > started)
+        await client.wait_for(lambda c: bytes(c.output).count(b"z") >= 400_000)
+        assert bytes(client.output).count(b"z") == 400_000  # whole, nothing twice
+        await _wait_until(lambda: tasks_in("_pump_output") == 0)  # quiet again: it left
+        await client.aclose()
+        await _finish(gateway, bulk["id"])
+
+
 async def test_an_idle_links_heartbeat_starts_no_task(
         make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The PONG to a heartbeat PING is read by the idle watcher's call itself

@@ -539,6 +539,11 @@ class Gateway:
         return Response(200, text.encode("utf-8"), CONTENT_TYPE,
                         (("Cache-Control", "no-store"),))
 
+    def _lend_watcher(self, idle: IdleSockets | None) -> None:
+        for upstream in self.registry.upstreams.values():
+            if isinstance(upstream, LocalUpstream):
+                upstream.watcher = idle
+
     def _metric_families(self) -> list[MetricFamily]:
         """The admin families plus the kube upstream's breaker and dials, store, peers."""
         families = metric_families(self.registry, self.counters, self.lag,
@@ -881,6 +886,7 @@ class Gateway:
                     idle = IdleSockets()
                     await connections.start(idle.run)
                     self.attach.idle = idle
+                    self._lend_watcher(idle)  # and the local upstream's quiet terminals
                     accept_scope = trio.CancelScope()
 
                     async def accept() -> None:
@@ -920,6 +926,7 @@ class Gateway:
                     await self._drain()
                     accept_scope.cancel()
                     self.attach.idle = None
+                    self._lend_watcher(None)
                     connections.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         except* StoreError as group:

@@ -11,7 +11,9 @@ a receiver task again.  An idle link costs no task at all.
 The watcher keeps an epoll set of its own, which trio watches like any other
 descriptor (one task, one descriptor for the process, however many sockets).
 Each socket is registered one-shot: it calls back once, then stays silent
-until it is watched again.  Only plain sockets can be watched: a TLS stream
+until it is watched again.  The gateway lends the same watcher to its local
+upstream for quiet terminals (a PTY master: ``LocalStream.park_reader``), so
+an idle shell's session runs no output pump either.  Only plain sockets can be watched: a TLS stream
 may hold decrypted bytes the socket no longer shows, so its reader stays.
 
 Lifetime: :meth:`run` in the nursery of the connections it serves.  When it is
@@ -109,3 +111,4 @@ def _call(callback: Callable[[], None]) -> None:
         callback()
     except Exception:  # noqa: BLE001 - one owner's bug must not stop the others' callbacks
         log.exception("idle.callback_failed %r", callback)
+

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import UpstreamError
+from ..net.idle import IdleSockets
 from .base import Context, ExitStatus, OutputChannel, StreamSpec, _check_dimension
 
 __all__ = [
@@ -289,8 +290,10 @@ class LocalStream:
         launch_cwd: str | None,
         kill_grace_s: float,
         on_close: Callable[[], None] | None = None,
+        watcher: Callable[[], IdleSockets | None] | None = None,
     ) -> None:
         self._child = child
+        self._watcher = watcher
         self.pid: int = child.pid
         self.tty: bool = spec.tty
         self._master = master
@@ -325,6 +328,13 @@ class LocalStream:
         self._stdout_read = _READ_BYTES
         self._stderr_read = _READ_BYTES
         self._pipe_grow_tried = False
+        # tty: the session's push target for output read while its pump is
+        # away (set_output_sink), who to call back then (park_reader), and a
+        # read the target refused, which receive_some returns first.
+        self._sink: Callable[[int, bytes], bool] | None = None
+        self._reader_cb: Callable[[], None] | None = None
+        self._watching: IdleSockets | None = None
+        self._held: bytes | None = None
 
     def __repr__(self) -> str:
         status = self._child.status
@@ -363,6 +373,81 @@ class LocalStream:
             self._receiving = False
         return result
 
+    def set_output_sink(self, sink: Callable[[int, bytes], bool] | None) -> None:
+        """Push output to ``sink(channel, data)`` while the reader is away (TTY).
+
+        The session's output pump sets it before :meth:`park_reader`: output
+        read from the terminal while the pump is parked is offered to
+        ``sink`` first, from the watcher's task; a chunk it refuses (no room
+        in the window, the recording writer behind) is held for the next
+        :meth:`receive_some`, and the pump is called back.  ``sink`` must not
+        block or raise.
+        """
+        self._sink = sink
+
+    def park_reader(self, callback: Callable[[], None]) -> bool:
+        """Let the reader leave while the terminal is quiet; ``callback()`` when it must read.
+
+        TTY streams only, with a sink set, while the upstream has a watcher
+        (:attr:`LocalUpstream.watcher`, the gateway's while it serves): the
+        terminal's master is watched by it, so an idle shell's session runs
+        no pump task, and a keystroke's echo goes into the session without
+        waking one.  ``callback`` is called once:
+        output the sink refused, the end of the output (the shell exited), a
+        read error, or the stream closed.  False: the reader must stay.
+        """
+        master = self._master
+        watcher = self._watcher() if self._watcher is not None else None
+        if (watcher is None or self._sink is None or master is None or self._eof
+                or self._closed or self._held is not None or self._receiving):
+            return False
+        if not watcher.watch(master, self._output_came):
+            return False
+        self._watching = watcher
+        self._reader_cb = callback
+        return True
+
+    def _output_came(self) -> None:
+        """The watcher's call: the quiet terminal has output (or its end)."""
+        callback = self._reader_cb
+        master = self._master
+        if callback is None or master is None or self._closed:
+            return
+        try:
+            data = os.read(master, _READ_BYTES)
+        except BlockingIOError:
+            data = None  # nothing after all: watch again
+        except OSError:
+            data = b""  # EIO (every slave closed: the end) or an error: the reader meets it
+        watcher = self._watching
+        if data is None or (data and self._offer(data)):
+            if watcher is not None and watcher.watch(master, self._output_came):
+                return
+        self._reader_cb = None
+        self._watching = None
+        callback()
+
+    def _offer(self, data: bytes) -> bool:
+        """Hand output read by the watcher to the sink; False: held for the reader."""
+        self._bytes_stdout += len(data)
+        self._tty_quiet = len(data) < _TTY_QUIET_BYTES
+        sink = self._sink
+        if sink is not None and sink(OutputChannel.STDOUT, data):
+            return True
+        self._held = data
+        return False
+
+    def _unpark_reader(self) -> None:
+        """Closing: stop watching, and call the parked reader back (it meets the close)."""
+        callback = self._reader_cb
+        if callback is None:
+            return
+        self._reader_cb = None
+        watcher, self._watching = self._watching, None
+        if watcher is not None and self._master is not None:
+            watcher.forget(self._master)
+        callback()
+
     def _check_not_closed(self) -> None:
         # After every wait: aclose() may have run between our wake-up and now, and
         # the fd number we hold may already belong to some other session's PTY.
@@ -370,6 +455,11 @@ class LocalStream:
             raise trio.ClosedResourceError("stream was closed")
 
     async def _receive_tty(self, master: int, max_bytes: int) -> tuple[int, bytes]:
+        held = self._held
+        if held is not None:  # read by the watcher's call, refused by the sink
+            self._held = None
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return OutputChannel.STDOUT, held
         waited = False
         if self._tty_quiet and not self._eof:
             # After a small read the next one would most likely fail with
@@ -680,6 +770,7 @@ class LocalStream:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._unpark_reader()
         child = self._child
         try:
             foreground = self._foreground_group()
@@ -843,9 +934,16 @@ class LocalUpstream:
         self._opened = 0
         self._open = 0
         self._spawn_failures = 0
+        #: Who watches quiet terminals (set by the gateway while it serves):
+        #: their sessions' output pumps may leave (LocalStream.park_reader).
+        #: None: every stream's pump waits in receive_some.
+        self.watcher: IdleSockets | None = None
 
     def __repr__(self) -> str:
         return f"<LocalUpstream open={self._open} opened={self._opened}>"
+
+    def _current_watcher(self) -> IdleSockets | None:
+        return self.watcher
 
     def statistics(self) -> LocalUpstreamStatistics:
         """A frozen snapshot of this upstream's counters."""
@@ -952,6 +1050,7 @@ class LocalUpstream:
                     launch_cwd=cwd if cwd is not None else _current_dir(),
                     kill_grace_s=self._kill_grace_s,
                     on_close=self._stream_closed,
+                    watcher=self._current_watcher,
                 )
             except OSError as exc:  # EMFILE for the pidfd or the epoll fd
                 # Nothing would ever stop this process: stop it now.
