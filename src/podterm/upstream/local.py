@@ -392,9 +392,9 @@ class LocalStream:
         (:attr:`LocalUpstream.watcher`, the gateway's while it serves): the
         terminal's master is watched by it, so an idle shell's session runs
         no pump task, and a keystroke's echo goes into the session without
-        waking one.  ``callback`` is called once:
-        output the sink refused, the end of the output (the shell exited), a
-        read error, or the stream closed.  False: the reader must stay.
+        waking one.  ``callback`` is called once: output the sink refused,
+        the end of the output (the shell exited), a read error, or the
+        stream closed.  False: the reader must stay.
         """
         master = self._master
         watcher = self._watcher() if self._watcher is not None else None
