@@ -297,9 +297,7 @@ class WebSocketStream:
                 self._close_info = (_ABNORMAL, "stream closed locally")
             raise ConnectionClosed(*self._close_info) from exc
         finally:
-            self._reading = False
-            if self._read_lot:
-                self._read_lot.unpark()
+            self._release_reader()
         if not got:
             self._eof = True
         return got
@@ -459,9 +457,7 @@ class WebSocketStream:
         try:
             await trio.lowlevel.wait_readable(stream.socket)
         finally:
-            self._reading = False
-            if self._read_lot:
-                self._read_lot.unpark()
+            self._release_reader()
 
     def socket_fd(self) -> int:
         """The plain socket's descriptor (-1 for any other stream, or once closed)."""
@@ -529,6 +525,11 @@ class WebSocketStream:
                 self._write_lot = trio.lowlevel.ParkingLot()
             await self._write_lot.park()
         self._writing = True
+
+    def _release_reader(self) -> None:
+        self._reading = False
+        if self._read_lot:
+            self._read_lot.unpark()
 
     def _release_writer(self) -> None:
         self._writing = False
@@ -680,10 +681,7 @@ class WebSocketStream:
         try:
             if self.conn.state is not _OPEN or self._send_broken:
                 raise self._send_refused()
-            parts = _batch_parts(data)
-            pending = self._pending_out
-            if pending is not None:  # (a deferred 101, the rest of a send_nowait) first
-                parts = pending + parts
+            parts = self._pending_first(data)
             written, total = self._write_nowait(parts)
             if written == total and not self.conn.has_data_to_send:
                 self._pending_out = None
@@ -722,16 +720,20 @@ class WebSocketStream:
         """
         if not self.can_send_nowait():
             raise LocalProtocolError("send_nowait() while the stream cannot take it")
-        parts = _batch_parts(data)
-        pending = self._pending_out
-        if pending is not None:  # (a deferred 101, the rest of a previous send_nowait) first
-            parts = pending + parts
+        parts = self._pending_first(data)
         written, total = self._write_nowait(parts)
         if written == total:
             self._pending_out = None
             return True
         self._pending_out = _rest(parts, written)
         return False
+
+    def _pending_first(self, data: Batch) -> list[Buffer]:
+        """``data``'s buffers behind what waits to go first (a deferred 101, the rest
+        of a partial nowait write): the frames on the wire stay whole and in order."""
+        parts = _batch_parts(data)
+        pending = self._pending_out
+        return parts if pending is None else pending + parts
 
     def _write_nowait(self, parts: list[Buffer]) -> tuple[int, int]:
         """Write what a plain TCP socket takes now: ``(bytes written, bytes in parts)``.
@@ -860,9 +862,7 @@ class WebSocketStream:
         try:
             data = await self.stream.receive_some(self._read_size)
         finally:
-            self._reading = False
-            if self._read_lot:
-                self._read_lot.unpark()
+            self._release_reader()
         if not data:
             self._eof = True
         for ev in self.conn.receive_data(data):
