@@ -272,7 +272,7 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     # The hello (and the 101 before it, the replay after it) from this task
     # when the socket takes it at once; else the sender task sends it.
     if link.flush_output():
-        deadline_timer().schedule(att, link.hb.deadline)
+        link.heartbeat_due()
     else:
         att.wake()
     if await link.run_receiver():
@@ -361,7 +361,7 @@ class _Link(LivesOn):
         try:
             parked = await self.receive_loop()
             if not parked:
-                if self._sender_not_needed():
+                if self.att.gone and self._sender_parked():
                     # The client is gone and no sender runs: nothing can be
                     # sent, so nobody has to be woken to find that out.
                     self._ended()
@@ -444,7 +444,7 @@ class _Link(LivesOn):
                               ErrorMsg("bad_request", exc.message))
             self._rejected(exc)
         except ConnectionClosed as exc:
-            if att.parked and att.starter is not None:
+            if self._sender_parked():
                 att.gone = True  # no sender runs: run_receiver ends the link (no wake-up)
             else:
                 att.mark_gone()
@@ -573,9 +573,8 @@ class _Link(LivesOn):
         stream closed, the callbacks), without starting either of them.
         """
         att = self.att
-        if (not att.parked or att.starter is None or self.ws.has_pending_out
-                or self.backlog is not None or self.rx_scope is not None
-                or type(self.ws.stream) is not trio.SocketStream):
+        if (not self._sender_parked() or self.backlog is not None
+                or self.rx_scope is not None or type(self.ws.stream) is not trio.SocketStream):
             return False
         self._ended()
         att.mark_gone()
@@ -583,11 +582,10 @@ class _Link(LivesOn):
         self.context.run(self._finish_nowait)
         return True
 
-    def _sender_not_needed(self) -> bool:
-        """The link is lost and its sender parked with nothing left to write."""
+    def _sender_parked(self) -> bool:
+        """No sender task runs (it parked, nothing left to write): waking it would start one."""
         att = self.att
-        return (att.gone and att.parked and att.starter is not None
-                and not self.ws.has_pending_out)
+        return att.parked and att.starter is not None and not self.ws.has_pending_out
 
     def _stop_receiver(self) -> None:
         """Stop receiving for good (the sender ends or closes the link)."""
@@ -786,7 +784,7 @@ class _Link(LivesOn):
                 return True
             # Nothing to send: the task ends until woken (output, a notice, a
             # deferred ACK's turn: AckTimer, the next PING's: DeadlineTimer).
-            deadline_timer().schedule(att, hb.deadline)
+            self.heartbeat_due()
             att.parked = True
             return False
 
@@ -833,8 +831,7 @@ class _Link(LivesOn):
             ring = session.ring
             return att.sent >= min(ring.end, att.acked + session.limits.window_bytes)
         except Exception:  # never into the session's task: the link ends instead
-            log.exception("session.attach.flush_failed %s", session.id)
-            att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+            self._failed_nowait("flush")
         return False  # the sender finishes the write (or the close)
 
     def ping_nowait(self) -> bool:
@@ -859,11 +856,19 @@ class _Link(LivesOn):
             if not ws.send_nowait([ws.conn.send_ping(ping)]):
                 return False
         except Exception:  # never into the timer's task: the link ends instead
-            log.exception("session.attach.ping_failed %s", self.session.id)
-            att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
+            self._failed_nowait("ping")
             return False
-        deadline_timer().schedule(att, hb.deadline)
+        self.heartbeat_due()
         return True
+
+    def heartbeat_due(self) -> None:
+        """Have the process's timer call :meth:`Attachment.timer_due` at the next PING's time."""
+        deadline_timer().schedule(self.att, self.hb.deadline)
+
+    def _failed_nowait(self, what: str) -> None:
+        """A synchronous send raised (a bug): logged, and the link ends with 1011."""
+        log.exception("session.attach.%s_failed %s", what, self.session.id)
+        self.att.request_close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume")
 
     def _exit_message(self, reason: str) -> bytes:
         status = self.session.exit_status
