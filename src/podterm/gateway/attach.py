@@ -444,10 +444,7 @@ class _Link(LivesOn):
                               ErrorMsg("bad_request", exc.message))
             self._rejected(exc)
         except ConnectionClosed as exc:
-            if self._sender_parked():
-                att.gone = True  # no sender runs: run_receiver ends the link (no wake-up)
-            else:
-                att.mark_gone()
+            att.mark_gone()  # (a parked sender is not started: run_receiver ends the link)
             if exc.code in (1002, 1007, 1009) and ws.conn.close_received is None:  # bad frames
                 self._rejected(ProtocolViolation(exc.reason or "invalid frame", exc.code))
         return False

@@ -401,6 +401,11 @@ class Attachment:
         self.wake()
 
     def mark_gone(self) -> None:
-        """The connection is lost: the sender stops at once."""
+        """The connection is lost: the sender stops at once.
+
+        A relay's parked sender (no task: see :attr:`starter`) is not started
+        only to find that out; the relay ends the link itself.
+        """
         self.gone = True
-        self.wake()
+        if self.starter is None or not self.parked:
+            self.wake()
