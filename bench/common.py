@@ -883,6 +883,7 @@ class HttpConn:
         self.stream: Any = None
         self.conn: Any = None
         self.requests_on_conn = 0
+        self.opened_at = 0.0
 
     @classmethod
     async def open(cls, host: str, port: int, token: str,
@@ -900,6 +901,7 @@ class HttpConn:
                                         ssl_context=self.ssl_context)
         self.conn = self._h11.Connection(self._h11.CLIENT)
         self.requests_on_conn = 0
+        self.opened_at = time.monotonic()
 
     def _reusable(self) -> bool:
         h11 = self._h11
@@ -918,7 +920,9 @@ class HttpConn:
         for attempt in (0, 1):
             if not self._reusable():
                 await self._reopen()
-            reused = self.requests_on_conn > 0
+            # Kept alive (or opened a while ago, unused): the server may have
+            # closed it as idle before it read this request.
+            reused = self.requests_on_conn > 0 or time.monotonic() - self.opened_at > 1.0
             try:
                 self.requests_on_conn += 1
                 return await self._request_once(method, path, body)

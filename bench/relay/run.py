@@ -36,6 +36,11 @@ machine that figure is the steadier one.
 and audit log on), ``tls``, ``win`` (a 1 MiB flow-control window instead of
 256 KiB: what the window costs when the ACK round trip is slow).
 
+``--baseline-src DIR`` adds ``podterm-base``: the plain gateway run from
+another source tree (``PYTHONPATH=DIR``, e.g. a worktree of the commit
+before a change), measured in the same interleaved rounds, so a change is
+judged within one run rather than across runs of a noisy machine.
+
 ``--profile`` then runs podterm once more per workload under
 ``py-spy record`` (pip install py-spy) and prints where the gateway's CPU
 time goes (self time by function, inclusive time by function).
@@ -44,6 +49,7 @@ Usage::
 
     .venv/bin/python bench/relay/run.py                   # 200 MB bulk, 100 sessions x 10 s, 3 rounds
     .venv/bin/python bench/relay/run.py --profile
+    .venv/bin/python bench/relay/run.py --only small --baseline-src /tmp/old/src   # A/B
     .venv/bin/python bench/relay/run.py --tiny            # seconds: the CI smoke size
 """
 
@@ -576,16 +582,20 @@ def summarize(samples: dict[str, dict[str, list[Sample]]]) -> dict[str, Any]:
     return out
 
 
-VARIANT_NAMES = ("podterm", "podterm+rec", "podterm+tls", "podterm+win")
+VARIANT_NAMES = ("podterm", "podterm-base", "podterm+rec", "podterm+tls", "podterm+win")
 
 
 def variant_overheads(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """What recording + audit, and TLS, cost against the plain gateway (1 - variant/plain)."""
+    """What recording + audit, and TLS, cost against the plain gateway (1 - variant/plain).
+
+    ``podterm-base`` (``--baseline-src``) is listed the same way: a positive
+    figure is what the change under test gained over the baseline tree.
+    """
     rows = []
     for workload in ("bulk", "small"):
         by_name = summary.get(workload, {})
         plain = by_name.get("podterm")
-        for variant in ("podterm+rec", "podterm+tls", "podterm+win"):
+        for variant in ("podterm-base", "podterm+rec", "podterm+tls", "podterm+win"):
             r = by_name.get(variant)
             if not plain or not r:
                 continue
@@ -711,6 +721,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
                         "comma-separated, or 'none' (default rec,tls)")
     p.add_argument("--window", help="gateway flow-control window, e.g. 1MiB "
                    "(PODTERM_WINDOW_BYTES; the ring grows to match); default: the gateway's")
+    p.add_argument("--baseline-src", help="also measure the plain gateway from this src/ "
+                   "directory (A/B a change within one run)")
     p.add_argument("--tiny", action="store_true",
                    help="CI smoke size: 4 MB, 4 sessions, 0.5 s, 1 round")
     p.add_argument("--out", help="JSON path (default bench/results/relay-<time>.json)")
@@ -778,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
                     args=[*args, "--tls-cert", str(tls.cert_file), "--tls-key",
                           str(tls.key_file)], workdir=workdir / "podterm-tls", env=gw_env),
                     ssl_context=tls.client_context)
+        if ns.baseline_src:
+            base_env = {**gw_env, "PYTHONPATH": str(Path(ns.baseline_src).resolve())}
+            pts["podterm-base"] = Podterm("podterm-base", C.start_gateway(
+                args=args, workdir=workdir / "podterm-base", env=base_env))
         if "win" in cfg.variants:
             # The plain gateway with a 1 MiB window (= its ring): what the
             # window costs a bulk stream when the ACK round trip is slow.
