@@ -97,7 +97,7 @@ from podterm.protocol.session_proto import (
 )
 from podterm.protocol.websocket import ConnectionState, Message, Role, WsLimits
 from podterm.resilience.heartbeat import Heartbeat
-from podterm.session.attachment import Attachment, Mode, ack_timer, deadline_timer
+from podterm.session.attachment import Attachment, Mode, deadline_timer
 from podterm.session.registry import SessionRegistry, Unavailable
 from podterm.session.session import Session
 
@@ -748,7 +748,7 @@ class _Link(LivesOn):
                     prefix, body = encode_ack(ack)
                     parts.insert(ack_index, send_binary(body, prefix))
                 else:
-                    ack_timer().schedule(att)  # (once per deferral)
+                    att.defer_ack()
             else:
                 att.ack_overdue = False  # sent meanwhile (flush_output) or none due
             # 5. heartbeat.

@@ -272,7 +272,8 @@ class Attachment:
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
                  "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
-                 "ping", "ack_queued", "ack_overdue", "timer_at", "starter", "_lot")
+                 "ping", "ack_queued", "ack_base", "ack_overdue", "timer_at", "starter",
+                 "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -296,6 +297,8 @@ class Attachment:
         self.ping: Callable[[], bool] | None = None
         #: In the :class:`AckTimer`'s queue now.
         self.ack_queued = False
+        #: :attr:`in_ack_sent` when the deferral in the queue began.
+        self.ack_base = in_offset
         #: The deferred input ACK waited its :data:`INPUT_ACK_DELAY_S`: send it alone.
         self.ack_overdue = False
         #: When the :class:`DeadlineTimer` wakes the sender next (None: not queued).
@@ -357,13 +360,30 @@ class Attachment:
             self.wake()
             return
         if self.parked and not self.ack_queued:
+            self.defer_ack()
+
+    def defer_ack(self) -> None:
+        """Queue the due input ACK in the :class:`AckTimer` (once per deferral)."""
+        if not self.ack_queued:
+            self.ack_base = self.in_ack_sent
             ack_timer().schedule(self)
 
     def ack_overdue_now(self) -> None:
-        """:class:`AckTimer`: the deferral is over; wake the sender if the ACK is still unsent."""
+        """:class:`AckTimer`: the deferral is over; wake the sender if the ACK is still unsent.
+
+        When an ACK left meanwhile (with an echo), what it did not cover was
+        written after it left, less than :data:`INPUT_ACK_DELAY_S` ago: the
+        deferral starts again instead (a typist's next echo takes it along),
+        so no input waits more than twice the delay plus the timer's slack
+        for its ACK (85 ms, within docs/protocol.md §6's 100 ms).  Under
+        steady typing that is no lone ACK, and no sender task, per 40 ms.
+        """
         session = self.session
         if (not self.gone and self is session.writer
                 and session.in_written > self.in_ack_sent):
+            if self.in_ack_sent > self.ack_base and self.parked:
+                self.defer_ack()
+                return
             self.ack_overdue = True
             self.wake()
 
