@@ -9,6 +9,11 @@ podterm     the gateway: ``GET /api/v1/sessions/{id}/attach?mode=ro`` with
 tws         trio-websocket ``serve_websocket`` (library defaults) whose handler
             checks the same bearer header (constant-time compare), accepts
             ``podterm.v1`` and sends a hello-sized JSON message
+raw-trio    the floor for any trio server: ``trio.serve_tcp``, the request
+            head read until its blank line and split by hand (no HTTP
+            parser), the same bearer compare, ``Sec-WebSocket-Accept``, the
+            101 and the hello frame in one write, then a read until the
+            client leaves; no router, no session, no audit
 ==========  ================================================================
 
 One handshake = TCP connect, upgrade request, ``101``, the first WebSocket
@@ -25,7 +30,9 @@ gateway run from another source tree (``PYTHONPATH=DIR``, e.g. a copy with a
 change put back), measured interleaved with the others, so a change is
 judged within one run rather than across runs of a loaded machine.
 
-Issue 9's target: handshakes per worker at least 4x trio-websocket's.
+Issue 9's target: handshakes per worker at least 4x trio-websocket's.  The
+raw-trio row says how far below that any trio server could get here: what
+trio's accept, a task, two reads, a write and a close cost per connection.
 
 Usage::
 
@@ -33,12 +40,15 @@ Usage::
     .venv/bin/python bench/handshake/run.py --tiny          # CI smoke size
     .venv/bin/python bench/handshake/run.py --baseline-src /tmp/old/src   # A/B a change
     .venv/bin/python bench/handshake/run.py serve-tws --port-file F --token T   (internal)
+    .venv/bin/python bench/handshake/run.py serve-raw --port-file F --token T   (internal)
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import hashlib
 import hmac
 import json
 import os
@@ -101,6 +111,60 @@ async def serve_tws(port_file: str, token: str) -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
         C.write_port_file(port_file, server.port)
+
+
+# ------------------------------------------------------- raw trio server (floor)
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+
+
+def _server_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    head = bytes([0x82, n]) if n < 126 else bytes([0x82, 126]) + n.to_bytes(2, "big")
+    return head + payload
+
+
+async def serve_raw(port_file: str, token: str) -> None:
+    expected = f"Bearer {token}".encode()
+    hello = _server_frame(b"\x06" + _HELLO)
+    refused = (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+               b"Connection: close\r\n\r\n")
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data or len(buf) > 16384:
+                    return
+                buf += data
+            key = auth = b""
+            for line in buf.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"sec-websocket-key":
+                    key = value.strip()
+                elif name == b"authorization":
+                    auth = value.strip()
+            if not key or not hmac.compare_digest(auth, expected):
+                await stream.send_all(refused)
+                return
+            accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
+                + b"\r\nSec-WebSocket-Protocol: podterm.v1\r\n\r\n" + hello)
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        C.write_port_file(port_file, listeners[0].socket.getsockname()[1])
 
 
 # ------------------------------------------------------------------ client
@@ -246,7 +310,13 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                             f"--token={token}"], env=C.child_env(), stdin=subprocess.DEVNULL,
                            stdout=log, stderr=log, cwd=str(C.ROOT))
     log.close()
-    samples: dict[str, list[dict[str, Any]]] = {"podterm": [], "tws": []}
+    raw_port_file = workdir / "raw.port"
+    log = open(workdir / "raw.log", "wb")  # noqa: SIM115
+    raw = subprocess.Popen([sys.executable, __file__, "serve-raw", "--port-file",
+                            str(raw_port_file), f"--token={token}"], env=C.child_env(),
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(C.ROOT))
+    log.close()
+    samples: dict[str, list[dict[str, Any]]] = {"podterm": [], "tws": [], "raw-trio": []}
     if base is not None:
         samples["podterm-base"] = []
     profile: dict[str, Any] | None = None
@@ -254,10 +324,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     checks: dict[str, tuple[int, int]] = {}
     try:
         tws_port = C.wait_port_file(port_file, tws)
+        raw_port = C.wait_port_file(raw_port_file, raw)
         session_id = trio.run(_create_session, gw)
         targets = {
             "podterm": (gw.port, f"/api/v1/sessions/{session_id}/attach?mode=ro", gw.pid),
             "tws": (tws_port, "/attach", tws.pid),
+            "raw-trio": (raw_port, "/attach", raw.pid),
         }
         if base is not None:
             base_session = trio.run(_create_session, base)
@@ -303,13 +375,14 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 shutil.copyfile(pstats_path, kept)
                 cprofile = C.cprofile_summary(kept, sample["handshakes"])
     finally:
-        if tws.poll() is None:
-            tws.send_signal(signal.SIGTERM)
-            try:
-                tws.wait(5)
-            except subprocess.TimeoutExpired:
-                tws.kill()
-                tws.wait()
+        for server in (tws, raw):
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(5)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
         gw.stop()
         if base is not None:
             base.stop()
@@ -329,6 +402,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     ratio = C.ratio(summary["podterm"]["rate"], summary["tws"]["rate"])
     ratio_cpu = C.ratio(summary["podterm"]["rate_per_server_cpu_s"],
                         summary["tws"]["rate_per_server_cpu_s"])
+    floor = {"rate": C.ratio(summary["raw-trio"]["rate"], summary["tws"]["rate"]),
+             "rate_per_server_cpu_s": C.ratio(summary["raw-trio"]["rate_per_server_cpu_s"],
+                                              summary["tws"]["rate_per_server_cpu_s"]),
+             "podterm_share_per_server_cpu_s": C.ratio(
+                 summary["podterm"]["rate_per_server_cpu_s"],
+                 summary["raw-trio"]["rate_per_server_cpu_s"])}
     to_base: dict[str, Any] | None = None
     if base is not None:
         to_base = {
@@ -337,14 +416,15 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                                              summary["podterm-base"]["rate_per_server_cpu_s"]),
             "baseline_src": str(ns.baseline_src)}
     return {"summary": summary, "auth_checks": checks, "ratio": ratio, "profile": profile,
-            "ratio_to_base": to_base,
+            "ratio_to_base": to_base, "floor": floor,
             "cprofile": cprofile,
             "ratio_per_server_cpu": ratio_cpu, "target": TARGET, "met": bool(ratio >= TARGET)}
 
 
 def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     rows = []
-    contenders = [("podterm", "podterm (attach ro)"), ("tws", "trio-websocket")]
+    contenders = [("podterm", "podterm (attach ro)"), ("tws", "trio-websocket"),
+                  ("raw-trio", "raw trio (floor)")]
     if "podterm-base" in result["summary"]:
         contenders.insert(1, ("podterm-base", "podterm, baseline tree"))
     for name, label in contenders:
@@ -362,6 +442,11 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             + f"\n\npodterm / trio-websocket: {C.fmt_ratio(result['ratio'])} "
             f"(per server CPU-s {C.fmt_ratio(result['ratio_per_server_cpu'])}); "
             f"target >= {TARGET:g}x: {verdict}")
+    floor = result["floor"]
+    text += (f"\nraw trio (floor) / trio-websocket: {C.fmt_ratio(floor['rate'])} (per server "
+             f"CPU-s {C.fmt_ratio(floor['rate_per_server_cpu_s'])}); podterm reaches "
+             f"{C.fmt_ratio(floor['podterm_share_per_server_cpu_s'])} of the floor per "
+             "server CPU-s")
     to_base = result.get("ratio_to_base")
     if to_base:
         text += (f"\npodterm / baseline tree: {C.fmt_ratio(to_base['rate'])} "
@@ -389,13 +474,13 @@ def report(ns: argparse.Namespace, result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "serve-tws":
-        p = argparse.ArgumentParser(prog="handshake serve-tws")
+    if argv and argv[0] in ("serve-tws", "serve-raw"):
+        p = argparse.ArgumentParser(prog=f"handshake {argv[0]}")
         p.add_argument("--port-file", required=True)
         p.add_argument("--token", required=True)
         ns = p.parse_args(argv[1:])
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-        trio.run(serve_tws, ns.port_file, ns.token)
+        trio.run(serve_tws if argv[0] == "serve-tws" else serve_raw, ns.port_file, ns.token)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--clients", type=int, default=32, help="concurrent client loops (32)")
