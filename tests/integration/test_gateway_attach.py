@@ -651,6 +651,44 @@ async def test_a_typing_links_keystrokes_start_no_task(
         await _finish(gateway, created["id"])
 
 
+async def test_a_new_link_is_watched_from_the_start_with_no_read_or_receiver(
+        make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing follows the upgrade request: after the hello the connection's
+    task hands the socket to the idle watcher at once (no receiver, no read
+    that would fail with EAGAIN); the first keystroke is still applied."""
+    from podterm.gateway import attach as attach_module
+
+    receivers: list[float] = []
+    original = attach_module._Link.run_receiver
+
+    async def counted(self: Any) -> bool:
+        receivers.append(trio.current_time())
+        return await original(self)
+
+    monkeypatch.setattr(attach_module._Link, "run_receiver", counted)
+    gateway = await make_gateway()
+    idle = gateway.gw.attach.idle
+    assert idle is not None
+    with trio.fail_after(WAIT_S):
+        created = await gateway.create(["cat"], tty=False)
+        client = await gateway.attach(created["id"])
+        await client.wait_hello()
+        await _wait_until(lambda: len(idle) == 1)
+        assert receivers == []  # watched since the hello: no receiver ever ran
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:
+                while await client.pump():
+                    pass
+
+            nursery.start_soon(read)
+            await client.send_stdin(b"k")
+            await _wait_until(lambda: bytes(client.output) == b"k")
+            assert receivers == []  # the watcher's call applied the keystroke
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        await _finish(gateway, created["id"])
+
+
 async def test_the_hello_goes_out_without_a_sender_task(
         gateway: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link's first batch (the 101, the hello, the replay) is written by the

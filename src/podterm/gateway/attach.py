@@ -275,6 +275,11 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
         link.heartbeat_due()
     else:
         att.wake()
+    if idle is not None and ws.idle() and link._park_receiver(idle):
+        # Nothing came after the request: the socket is watched from the
+        # start, with no receiver task, scope or read (a first read would
+        # fail with EAGAIN; the watcher calls at once if bytes are there).
+        return link
     if await link.run_receiver():
         return link  # idle: the watcher starts a receiver when the client writes
     return None

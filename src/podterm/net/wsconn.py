@@ -1068,6 +1068,12 @@ async def accept_on(
             # The 101 rides with the first frames the caller sends (the
             # hello): one write instead of two.  The caller must send next.
             ws._pending_out = [data]
+            # The head was read to its end and nothing followed it: the
+            # client waits for the 101, so the socket is taken to be empty
+            # (a first read would most likely fail with EAGAIN).  Only a
+            # hint: a reader then waits for data before reading, and an idle
+            # watcher is told at once if bytes are there after all.
+            ws._drained = not trailing
             return ws
         try:
             await stream.send_all(data)
