@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 
 import pytest
@@ -78,3 +79,106 @@ async def test_what_cannot_be_watched_is_refused() -> None:
     with open("/dev/null", "rb") as regular:  # epoll refuses regular files
         assert not idle.watch(regular.fileno(), lambda: None)
     assert len(idle) == 0
+
+
+class _CountingEpoll:
+    """``select.epoll`` with its registration calls counted (the watcher's own set)."""
+
+    def __init__(self, inner: select.epoll) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def register(self, fd: int, events: int) -> None:
+        self.calls.append("register")
+        self.inner.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.calls.append("modify")
+        self.inner.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self.calls.append("unregister")
+        self.inner.unregister(fd)
+
+
+async def test_a_socket_read_empty_and_watched_again_from_its_callback_misses_nothing() -> None:
+    """The typing pattern: each callback reads what came, watches again (no
+    system call), and every later byte still calls back: none is lost."""
+    idle = IdleSockets()
+    counting = _CountingEpoll(idle._epoll)
+    idle._epoll = counting  # type: ignore[assignment]
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    got = bytearray()
+    arrived = trio.Event()
+
+    def came() -> None:
+        nonlocal arrived
+        try:
+            data = ours.recv(65536)  # a short read: the socket is empty now
+        except BlockingIOError:
+            return  # (the watcher's end calls everyone back)
+        got.extend(data)
+        assert idle.watch(ours.fileno(), came, drained=True)
+        arrived.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(idle.run)
+            assert idle.watch(ours.fileno(), came)
+            for i in range(50):
+                arrived = trio.Event()
+                theirs.send(bytes([i]))
+                with trio.fail_after(5):
+                    await arrived.wait()
+            assert bytes(got) == bytes(range(50))
+            assert counting.calls == ["register"]  # once; never re-armed after
+            # Bytes that come while the callback runs (after its read) call again.
+            arrived = trio.Event()
+            theirs.send(b"a")
+            with trio.fail_after(5):
+                await arrived.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_a_socket_watched_again_with_bytes_left_calls_back_at_once() -> None:
+    """Read only in part (not drained), or watched again from elsewhere: re-armed,
+    and what is already there calls back without any new byte."""
+    idle = IdleSockets()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    got = bytearray()
+    done = trio.Event()
+
+    def came() -> None:
+        got.extend(ours.recv(1))  # one byte of several: more is waiting
+        if len(got) < 5:
+            assert idle.watch(ours.fileno(), came, drained=False)
+        else:
+            done.set()  # not watched again: it leaves the set
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(idle.run)
+            assert idle.watch(ours.fileno(), came)
+            theirs.send(b"abcdefg")  # one edge for all seven bytes
+            with trio.fail_after(5):
+                await done.wait()
+            assert bytes(got) == b"abcde" and len(idle) == 0
+            # Left the set: the two bytes still there call nobody until it is
+            # watched again, from outside a callback: then at once.
+            await trio.testing.wait_all_tasks_blocked()
+            again = trio.Event()
+            assert idle.watch(ours.fileno(), again.set, drained=True)
+            with trio.fail_after(5):
+                await again.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        theirs.close()

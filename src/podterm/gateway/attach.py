@@ -501,7 +501,8 @@ class _Link(LivesOn):
         if self.sender_done or self.att.gone:
             return False
         fd = self.ws.socket_fd()
-        if not idle.watch(fd, self._input_came):
+        # (Called only when the stream is idle(): its latest read emptied the socket.)
+        if not idle.watch(fd, self._input_came, drained=True):
             return False
         self.rx_fd = fd
         return True

@@ -10,8 +10,14 @@ a receiver task again.  An idle link costs no task at all.
 
 The watcher keeps an epoll set of its own, which trio watches like any other
 descriptor (one task, one descriptor for the process, however many sockets).
-Each socket is registered one-shot: it calls back once, then stays silent
-until it is watched again.  The gateway lends the same watcher to its local
+Each socket calls back once, then stays silent until it is watched again.
+Registrations are edge-triggered and stay in the set while the socket is
+watched: an owner that read its socket empty in the callback and watches it
+again from there (a keystroke applied, an echo read from a terminal) costs
+no system call; the socket's next bytes are a new edge.  Any other watch
+re-arms the registration (``EPOLL_CTL_MOD``, which reports bytes already
+there), and a socket that is not watched again after its callback leaves
+the set (its owner's task reads it now).  The gateway lends the same watcher to its local
 upstream for quiet terminals (a PTY master: ``LocalStream.park_reader``), so
 an idle shell's session runs no output pump either.  Only plain sockets can be watched: a TLS stream
 may hold decrypted bytes the socket no longer shows, so its reader stays.
@@ -35,7 +41,7 @@ __all__ = ["IdleSockets"]
 
 log = logging.getLogger(__name__)
 
-_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 #: Ready sockets taken per wake-up (more wait for the next round).
 _MAX_EVENTS = 1024
 
@@ -43,12 +49,15 @@ _MAX_EVENTS = 1024
 class IdleSockets:
     """Call back the owner of each watched socket when it becomes readable (or hangs up)."""
 
-    __slots__ = ("_epoll", "_callbacks", "_closed")
+    __slots__ = ("_epoll", "_callbacks", "_closed", "_registered", "_calling")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._closed = False
+        # In the epoll set: the watched sockets, and the one being called back.
+        self._registered: set[int] = set()
+        self._calling = -1  # the descriptor whose callback runs now
 
     def __len__(self) -> int:
         """Sockets watched now."""
@@ -57,32 +66,52 @@ class IdleSockets:
     def __repr__(self) -> str:
         return f"<IdleSockets watching {len(self._callbacks)}>"
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> bool:
+    def watch(self, fd: int, callback: Callable[[], None], *, drained: bool = False) -> bool:
         """Call ``callback()`` once when ``fd`` is readable; False (not watched) if it cannot be.
 
         ``callback`` runs in the watcher's task: it must not block or raise.
         The owner must :meth:`forget` the descriptor before closing it.
+        ``drained``: the caller read ``fd`` until the kernel had nothing more
+        (a read shorter than asked, or EAGAIN).  Said from ``fd``'s own
+        callback, the registration is kept as it is (no system call): bytes
+        that come later are a new edge.  Anywhere else it is re-armed.
         """
         if self._closed or fd < 0 or fd in self._callbacks:
             return False
-        try:
+        if not (drained and fd == self._calling and fd in self._registered):
             try:
-                self._epoll.modify(fd, _EVENTS)  # re-armed (one-shot leaves it registered)
-            except FileNotFoundError:
-                self._epoll.register(fd, _EVENTS)
-        except OSError as exc:  # closed meanwhile, or not pollable
-            log.debug("idle.watch %d: %s", fd, exc)
-            return False
+                # (Either reports bytes already there: the first edge.)
+                if fd in self._registered:  # its own callback's, not drained: re-armed
+                    try:
+                        self._epoll.modify(fd, _EVENTS)
+                    except FileNotFoundError:  # (closed since: the kernel dropped it)
+                        self._epoll.register(fd, _EVENTS)
+                else:
+                    try:
+                        self._epoll.register(fd, _EVENTS)
+                    except FileExistsError:  # (kept in the set by a duplicate of it)
+                        self._epoll.modify(fd, _EVENTS)
+            except OSError as exc:  # closed meanwhile, or not pollable
+                self._registered.discard(fd)
+                log.debug("idle.watch %d: %s", fd, exc)
+                return False
+            self._registered.add(fd)
         self._callbacks[fd] = callback
         return True
 
     def forget(self, fd: int) -> None:
         """Stop watching ``fd`` (its owner reads it again, or closes it): no callback."""
-        if self._callbacks.pop(fd, None) is not None and not self._closed:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # closed already: the kernel dropped it from the set
+        self._callbacks.pop(fd, None)
+        self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        if fd in self._registered:
+            self._registered.discard(fd)
+            if not self._closed:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass  # closed already: the kernel dropped it from the set
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -94,9 +123,18 @@ class IdleSockets:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 for fd, _ in epoll.poll(0, _MAX_EVENTS):
-                    callback = callbacks.pop(fd, None)  # (one-shot: it stays disarmed)
-                    if callback is not None:
+                    callback = callbacks.pop(fd, None)  # (once: until watched again)
+                    if callback is None:
+                        continue  # forgotten meanwhile (by an earlier callback)
+                    self._calling = fd
+                    try:
                         _call(callback)
+                    finally:
+                        self._calling = -1
+                    if fd not in callbacks:
+                        # Not watched again: out of the set, so that bytes
+                        # its owner's task reads now call nobody here.
+                        self._unregister(fd)
         finally:
             self._closed = True
             waiting = list(callbacks.values())

@@ -421,7 +421,9 @@ class LocalStream:
             data = b""  # EIO (every slave closed: the end) or an error: the reader meets it
         watcher = self._watching
         if data is None or (data and self._offer(data)):
-            if watcher is not None and watcher.watch(master, self._output_came):
+            drained = data is None or len(data) < _READ_BYTES
+            if watcher is not None and watcher.watch(master, self._output_came,
+                                                     drained=drained):
                 return
         self._reader_cb = None
         self._watching = None
