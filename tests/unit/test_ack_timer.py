@@ -59,10 +59,17 @@ def _writer_link() -> tuple[Any, Any, list[float]]:
     session.writer = att
     started: list[float] = []
 
-    def start() -> None:
-        started.append(trio.current_time())
+    class Relay:
+        def flush_output(self) -> bool:
+            return False
 
-    att.starter = start
+        def ping_nowait(self) -> bool:
+            return False
+
+        def start_sender(self) -> None:
+            started.append(trio.current_time())
+
+    att.relay = Relay()
     att.parked = True
     return session, att, started
 

@@ -20,7 +20,7 @@ while something is due, and an idle link has neither:
   byte or the peer's FIN starts a receiver task again.  TLS and PROXY-wrapped
   streams keep theirs (their buffers hide bytes from the socket);
 * the sender is started by the first wake-up after it returned
-  (``Attachment.starter``).
+  (``Attachment.wake`` calls :meth:`_Link.start_sender`).
 
 The link is closed once (:meth:`_Link._finish`): by the receiver when it
 stops, or by the sender when it ends the link with no receiver task left.
@@ -265,9 +265,7 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
     home = trio.lowlevel.current_task().parent_nursery
     assert home is not None
     link = _Link(ws, att, counters, auditor, home=home, idle=idle)
-    # Every task of the link runs in this request's context (its request id,
-    # identity and client address for the audit), whoever starts it.
-    att.starter = functools.partial(link.context.run, home.start_soon, link.run_sender)
+    att.relay = link
     att.parked = True
     # The hello (and the 101 before it, the replay after it) from this task
     # when the socket takes it at once; else the sender task sends it.
@@ -329,8 +327,6 @@ class _Link(LivesOn):
         self.failed = False  # the sender raised (a bug: logged, the link aborted)
         # Whoever waits for one of the two flags (wait_until), made on first use.
         self._lot: trio.lowlevel.ParkingLot | None = None
-        att.flush = self.flush_output
-        att.ping = self.ping_nowait
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` (on :attr:`rx_done`, :attr:`sender_done`) holds."""
@@ -588,7 +584,7 @@ class _Link(LivesOn):
     def _sender_parked(self) -> bool:
         """No sender task runs (it parked, nothing left to write): waking it would start one."""
         att = self.att
-        return att.parked and att.starter is not None and not self.ws.has_pending_out
+        return att.parked and att.relay is not None and not self.ws.has_pending_out
 
     def _stop_receiver(self) -> None:
         """Stop receiving for good (the sender ends or closes the link)."""
@@ -637,9 +633,7 @@ class _Link(LivesOn):
     def _leave_session(self) -> None:
         self.finished = True
         att = self.att
-        att.flush = None
-        att.ping = None
-        att.starter = None
+        att.relay = None
         if att.timer_at is not None:
             deadline_timer().cancel(att)  # not held until its next PING was due
         if self.rx_fd >= 0 and self.idle is not None:
@@ -664,7 +658,7 @@ class _Link(LivesOn):
     async def run_sender(self) -> None:
         """The sender task: runs :meth:`send_loop` until nothing is due or the link ended.
 
-        Started by :meth:`Attachment.wake` (``att.starter``) when the
+        Started by :meth:`Attachment.wake` (:meth:`start_sender`) when the
         attachment is parked, so an idle link has no sender task at all.
         """
         try:
@@ -685,8 +679,16 @@ class _Link(LivesOn):
                     await self._abort_internal()
                 await self._finish()
 
+    def start_sender(self) -> None:
+        """:class:`~podterm.session.attachment.Relay`: start the sender's task.
+
+        In the server's nursery, in this request's context (its request id,
+        identity and client address for the audit), whoever wakes it.
+        """
+        self.context.run(self.home.start_soon, self.run_sender)
+
     def _ended(self) -> None:
-        self.att.starter = None  # never started again
+        self.att.relay = None  # never started again
         self.att.parked = False
         self.sender_done = True
         self._flagged()

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["INPUT_ACK_DELAY_S", "AckTimer", "Attachment", "DeadlineTimer", "Mode", "Notice",
-           "Timed", "ack_timer", "deadline_timer"]
+           "Relay", "Timed", "ack_timer", "deadline_timer"]
 
 #: How long an input ACK may wait for output to leave with (see
 #: :meth:`Attachment.input_written`); below §6's 100 ms, and long enough for
@@ -246,6 +246,23 @@ def deadline_timer() -> DeadlineTimer:
 Notice = Hello | Gap | Drain | ErrorMsg
 
 
+class Relay(Protocol):
+    """A relay whose sender leaves its task while parked (``podterm.gateway.attach``).
+
+    Held by the attachment itself (:attr:`Attachment.relay`), not as three
+    bound methods: an idle session keeps fewer objects for the GC to walk.
+    """
+
+    def flush_output(self) -> bool:
+        """Send new output from the caller's task; False: the sender must run."""
+
+    def ping_nowait(self) -> bool:
+        """Send the heartbeat's PING from the timer's task; False: the sender must run."""
+
+    def start_sender(self) -> None:
+        """Start the sender's task (it parked: returned with nothing to send)."""
+
+
 class Mode(enum.Enum):
     """docs/protocol.md §3: ``rw`` is the single writer, ``ro`` a viewer."""
 
@@ -271,9 +288,8 @@ class Attachment:
     """
 
     __slots__ = ("session", "mode", "sent", "acked", "in_cursor", "in_ack_sent", "replay_end",
-                 "notices", "close", "gone", "exit_sent", "resumed", "parked", "flush",
-                 "ping", "ack_queued", "ack_base", "ack_overdue", "timer_at", "starter",
-                 "_lot")
+                 "notices", "close", "gone", "exit_sent", "resumed", "parked", "relay",
+                 "ack_queued", "ack_base", "ack_overdue", "timer_at", "_lot")
 
     def __init__(self, session: Session, mode: Mode, offset: int, in_offset: int,
                  live_end: int) -> None:
@@ -291,10 +307,11 @@ class Attachment:
         self.resumed = False
         #: True while the relay's sender is parked (waiting to be woken).
         self.parked = False
-        #: The relay's synchronous send of new output (see :meth:`output_ready`).
-        self.flush: Callable[[], bool] | None = None
-        #: The relay's synchronous send of a heartbeat PING (see :meth:`timer_due`).
-        self.ping: Callable[[], bool] | None = None
+        #: The relay whose sender leaves its task while parked: it sends new
+        #: output (:meth:`output_ready`) and PINGs (:meth:`timer_due`) from
+        #: the caller's task, and :meth:`wake` starts its sender again.  None
+        #: for a relay whose sender stays and parks in :meth:`wait_woken`.
+        self.relay: Relay | None = None
         #: In the :class:`AckTimer`'s queue now.
         self.ack_queued = False
         #: :attr:`in_ack_sent` when the deferral in the queue began.
@@ -303,9 +320,6 @@ class Attachment:
         self.ack_overdue = False
         #: When the :class:`DeadlineTimer` wakes the sender next (None: not queued).
         self.timer_at: float | None = None
-        #: The relay's way to start its sender again (see :meth:`wake`); None
-        #: for a relay whose sender stays and parks in :meth:`wait_woken`.
-        self.starter: Callable[[], None] | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None  # wait_woken's, made on first use
 
     def __repr__(self) -> str:
@@ -321,15 +335,15 @@ class Attachment:
     def wake(self) -> None:
         """Wake the sender: there may be output, credit, a notice or a close.
 
-        A relay with a :attr:`starter` has no sender task while it is
-        :attr:`parked` (it returned with nothing to send): waking starts one,
-        once.  Otherwise the sender parked in :meth:`wait_woken` is unparked.
+        A :attr:`relay`'s sender has no task while it is :attr:`parked` (it
+        returned with nothing to send): waking starts one, once.  Otherwise
+        the sender parked in :meth:`wait_woken` is unparked.
         """
-        starter = self.starter
-        if starter is not None:
+        relay = self.relay
+        if relay is not None:
             if self.parked:
                 self.parked = False
-                starter()
+                relay.start_sender()
             return
         lot = self._lot
         if lot is not None:
@@ -338,12 +352,12 @@ class Attachment:
     def output_ready(self) -> None:
         """New output is in the ring: send it now, or wake the sender.
 
-        While the sender is parked, the relay's :attr:`flush` may send the
-        output from the caller's task (no task switch); it returns False when
-        it could not, and the sender is woken as for any change.
+        While the sender is parked, the :attr:`relay` may send the output from
+        the caller's task (no task switch); it returns False when it could
+        not, and the sender is woken as for any change.
         """
-        flush = self.flush
-        if flush is None or not self.parked or not flush():
+        relay = self.relay
+        if relay is None or not self.parked or not relay.flush_output():
             self.wake()
 
     def input_written(self, unacked: int) -> None:
@@ -390,12 +404,12 @@ class Attachment:
     def timer_due(self) -> None:
         """:class:`DeadlineTimer`: the link's heartbeat deadline came.
 
-        While the sender is parked, the relay's :attr:`ping` may send the
-        PING from the timer's task (no sender task per heartbeat); it returns
-        False when it could not, and the sender is woken instead.
+        While the sender is parked, the :attr:`relay` may send the PING from
+        the timer's task (no sender task per heartbeat); it returns False
+        when it could not, and the sender is woken instead.
         """
-        ping = self.ping
-        if ping is None or not self.parked or not ping():
+        relay = self.relay
+        if relay is None or not self.parked or not relay.ping_nowait():
             self.wake()
 
     async def wait_woken(self) -> None:
@@ -423,9 +437,9 @@ class Attachment:
     def mark_gone(self) -> None:
         """The connection is lost: the sender stops at once.
 
-        A relay's parked sender (no task: see :attr:`starter`) is not started
-        only to find that out; the relay ends the link itself.
+        A :attr:`relay`'s parked sender (no task) is not started only to find
+        that out; the relay ends the link itself.
         """
         self.gone = True
-        if self.starter is None or not self.parked:
+        if self.relay is None or not self.parked:
             self.wake()
