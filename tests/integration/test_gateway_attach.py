@@ -456,15 +456,16 @@ async def test_an_idle_link_runs_no_task_and_is_still_pinged(
 
 
 def _count_starts(monkeypatch: pytest.MonkeyPatch, method: str) -> list[float]:
-    """Patch ``_Link.<method>`` (a task's body) to note when each such task starts."""
+    """Patch ``_Link.<method>`` (a task's body, or the first receiver's call) to note
+    when each call starts; what it returns is returned."""
     from podterm.gateway import attach as attach_module
 
     started: list[float] = []
     original = getattr(attach_module._Link, method)
 
-    async def counted(self: Any) -> None:
+    async def counted(self: Any) -> Any:
         started.append(trio.current_time())
-        await original(self)
+        return await original(self)
 
     monkeypatch.setattr(attach_module._Link, method, counted)
     return started
@@ -656,16 +657,7 @@ async def test_a_new_link_is_watched_from_the_start_with_no_read_or_receiver(
     """Nothing follows the upgrade request: after the hello the connection's
     task hands the socket to the idle watcher at once (no receiver, no read
     that would fail with EAGAIN); the first keystroke is still applied."""
-    from podterm.gateway import attach as attach_module
-
-    receivers: list[float] = []
-    original = attach_module._Link.run_receiver
-
-    async def counted(self: Any) -> bool:
-        receivers.append(trio.current_time())
-        return await original(self)
-
-    monkeypatch.setattr(attach_module._Link, "run_receiver", counted)
+    receivers = _count_starts(monkeypatch, "run_receiver")
     gateway = await make_gateway()
     idle = gateway.gw.attach.idle
     assert idle is not None
