@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ log = logging.getLogger(__name__)
 
 #: A create body with a 64 KiB command (escaped JSON can double it) and env fits.
 _MIN_BODY_BYTES = 192 * 1024
+#: Client addresses whose end-of-connection callback is kept for reuse.
+_ENDED_CBS_MAX = 4096
 
 
 #: Until the config has keys for them, only the failed-login budget per source
@@ -419,6 +422,11 @@ class Gateway:
         self._connections = 0
         self._links = 0
         self._links_lot = trio.lowlevel.ParkingLot()
+        # End-of-connection callbacks shared by the links that outlive their
+        # task (every idle link holds them): one bound method, one partial per
+        # client address (see _connection_ended_cb).
+        self._link_ended_cb = self._link_ended
+        self._ended_cbs: dict[str | None, Callable[[], None]] = {}
         self._shutdown = trio.Event()
         self._shutdown_reason = "gateway shutting down"
 
@@ -524,7 +532,8 @@ class Gateway:
                 lives_on = await run()
                 return lives_on
             finally:
-                when_ended(lives_on, self._link_ended)  # (the link may outlive this task)
+                # (The link may outlive this task.  One bound method for all.)
+                when_ended(lives_on, self._link_ended_cb)
 
         return Upgraded(counted)
 
@@ -649,9 +658,19 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
         finally:
-            when_ended(lives_on, functools.partial(self._connection_ended,
-                                                   None if peer_link else client.ip))
+            when_ended(lives_on, self._connection_ended_cb(None if peer_link else client.ip))
         return lives_on
+
+    def _connection_ended_cb(self, ip: str | None) -> Callable[[], None]:
+        """``_connection_ended(ip)`` as a callback, one per address (shared by its
+        connections, which keep it until they end: fewer objects per idle link)."""
+        cache = self._ended_cbs
+        callback = cache.get(ip)
+        if callback is None:
+            if len(cache) >= _ENDED_CBS_MAX:
+                cache.clear()  # (the links that hold them keep theirs)
+            callback = cache[ip] = functools.partial(self._connection_ended, ip)
+        return callback
 
     def _connection_ended(self, ip: str | None) -> None:
         self._connections -= 1

@@ -402,7 +402,9 @@ class Session:
         self._catch_up_to: int | None = None
         self.resume_token = new_resume_token()
         self.writer: Attachment | None = None
-        self.viewers: list[Attachment] = []
+        # A tuple: most sessions never have a viewer, and () is shared and
+        # untracked (an empty list would be one more object per session).
+        self.viewers: tuple[Attachment, ...] = ()
         self.exit_status: ExitStatus | None = None
         #: Why the session ended (``exited``, ``killed``, ``grace``, ...), once closed.
         self.end_reason: str | None = None
@@ -579,7 +581,7 @@ class Session:
 
     def links(self) -> list[Attachment]:
         """Every attachment: the writer first, then the viewers."""
-        return ([self.writer] if self.writer is not None else []) + self.viewers
+        return ([self.writer] if self.writer is not None else []) + list(self.viewers)
 
     def _wake_links(self) -> None:
         writer = self.writer
@@ -1090,7 +1092,7 @@ class Session:
             if self._watch is not None:
                 self._watch(self, True)  # a new resume token, and maybe a new state
         else:
-            self.viewers.append(att)
+            self.viewers += (att,)
         self.attaches += 1
         start = offset
         gap: GapNotice | None = None
@@ -1140,10 +1142,7 @@ class Session:
             if self._watch is not None:
                 self._watch(self, True)  # detached
         else:
-            try:
-                self.viewers.remove(attachment)
-            except ValueError:
-                pass
+            self.viewers = tuple(v for v in self.viewers if v is not attachment)
         # A link that closed because the session ended (EXIT sent) did not leave it.
         if self._observer is not None and not self._closed and not attachment.exit_sent:
             self._observer.detached(self, attachment)
