@@ -657,7 +657,7 @@ async def test_a_new_link_is_watched_from_the_start_with_no_read_or_receiver(
     """Nothing follows the upgrade request: after the hello the connection's
     task hands the socket to the idle watcher at once (no receiver, no read
     that would fail with EAGAIN); the first keystroke is still applied."""
-    receivers = _count_starts(monkeypatch, "run_receiver")
+    receivers = _count_starts(monkeypatch, "receive_loop")
     gateway = await make_gateway()
     idle = gateway.gw.attach.idle
     assert idle is not None

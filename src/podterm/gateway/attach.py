@@ -273,11 +273,6 @@ async def relay(ws: WebSocketStream, session: Session, *, mode: Mode, offset: in
         link.heartbeat_due()
     else:
         att.wake()
-    if idle is not None and ws.idle() and link._park_receiver(idle):
-        # Nothing came after the request: the socket is watched from the
-        # start, with no receiver task, scope or read (a first read would
-        # fail with EAGAIN; the watcher calls at once if bytes are there).
-        return link
     if await link.run_receiver():
         return link  # idle: the watcher starts a receiver when the client writes
     return None
@@ -358,6 +353,13 @@ class _Link(LivesOn):
         :attr:`idle`); otherwise the link has ended, and is closed, when it
         returns.
         """
+        idle = self.idle
+        if (idle is not None and self.backlog is None and self.ws.idle()
+                and self._park_receiver(idle)):
+            # Nothing to read yet (a new link whose request nothing followed):
+            # watched at once, with no scope and no read that would fail
+            # with EAGAIN; the watcher calls at once if bytes are there.
+            return True
         parked = False
         try:
             parked = await self.receive_loop()
