@@ -724,10 +724,7 @@ class _Link(LivesOn):
                 return True
             parts: list[Buffer] = []
             # 1. notices: hello, gap, drain, error.
-            if att.notices:
-                for notice in att.notices:
-                    parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
-                att.notices.clear()
+            self._take_notices(parts)
             # 2. the input ACK (writer), placed here once it is known to go.
             ack_index = len(parts)
             ack = session.in_written if att is session.writer else 0
@@ -817,11 +814,7 @@ class _Link(LivesOn):
         session = self.session
         parts: list[Buffer] = []
         try:
-            if att.notices:
-                send_binary = ws.conn.send_binary
-                for notice in att.notices:
-                    parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
-                att.notices.clear()
+            self._take_notices(parts)
             if att is session.writer:
                 ack = session.in_written
                 if ack > att.in_ack_sent:
@@ -840,6 +833,15 @@ class _Link(LivesOn):
         except Exception:  # never into the session's task: the link ends instead
             self._failed_nowait("flush")
         return False  # the sender finishes the write (or the close)
+
+    def _take_notices(self, parts: list[Buffer]) -> None:
+        """Append the queued control messages (hello, gap, drain, error), in order."""
+        notices = self.att.notices
+        if notices:
+            send_binary = self.ws.conn.send_binary
+            for notice in notices:
+                parts.append(send_binary(control_body(notice), _CONTROL_PREFIX))
+            notices.clear()
 
     def ping_nowait(self) -> bool:
         """Send the heartbeat's PING from the timer's task while the sender is parked.
