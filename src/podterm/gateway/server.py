@@ -423,10 +423,11 @@ class Gateway:
         self._links = 0
         self._links_lot = trio.lowlevel.ParkingLot()
         # End-of-connection callbacks shared by the links that outlive their
-        # task (every idle link holds them): one bound method, one partial per
-        # client address (see _connection_ended_cb).
+        # task (every idle link holds them): one bound method, and one partial
+        # per client address (an LRU, as clientaddr's parsed addresses).
         self._link_ended_cb = self._link_ended
-        self._ended_cbs: dict[str | None, Callable[[], None]] = {}
+        self._connection_ended_cb = functools.lru_cache(maxsize=_ENDED_CBS_MAX)(
+            self._connection_ended_partial)
         self._shutdown = trio.Event()
         self._shutdown_reason = "gateway shutting down"
 
@@ -661,16 +662,10 @@ class Gateway:
             when_ended(lives_on, self._connection_ended_cb(None if peer_link else client.ip))
         return lives_on
 
-    def _connection_ended_cb(self, ip: str | None) -> Callable[[], None]:
-        """``_connection_ended(ip)`` as a callback, one per address (shared by its
-        connections, which keep it until they end: fewer objects per idle link)."""
-        cache = self._ended_cbs
-        callback = cache.get(ip)
-        if callback is None:
-            if len(cache) >= _ENDED_CBS_MAX:
-                cache.clear()  # (the links that hold them keep theirs)
-            callback = cache[ip] = functools.partial(self._connection_ended, ip)
-        return callback
+    def _connection_ended_partial(self, ip: str | None) -> Callable[[], None]:
+        """``_connection_ended(ip)`` as a callback (shared per address through
+        :attr:`_connection_ended_cb`: fewer objects per idle link)."""
+        return functools.partial(self._connection_ended, ip)
 
     def _connection_ended(self, ip: str | None) -> None:
         self._connections -= 1
