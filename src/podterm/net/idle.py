@@ -79,18 +79,18 @@ class IdleSockets:
         if self._closed or fd < 0 or fd in self._callbacks:
             return False
         if not (drained and fd == self._calling and fd in self._registered):
+            # Re-armed (its own callback's, not drained) or added; either
+            # reports bytes already there as the first edge.  The other call
+            # if the kernel's set disagrees (closed since, or kept in it by a
+            # duplicate of the descriptor).
+            epoll = self._epoll
+            first, other = ((epoll.modify, epoll.register) if fd in self._registered
+                            else (epoll.register, epoll.modify))
             try:
-                # (Either reports bytes already there: the first edge.)
-                if fd in self._registered:  # its own callback's, not drained: re-armed
-                    try:
-                        self._epoll.modify(fd, _EVENTS)
-                    except FileNotFoundError:  # (closed since: the kernel dropped it)
-                        self._epoll.register(fd, _EVENTS)
-                else:
-                    try:
-                        self._epoll.register(fd, _EVENTS)
-                    except FileExistsError:  # (kept in the set by a duplicate of it)
-                        self._epoll.modify(fd, _EVENTS)
+                try:
+                    first(fd, _EVENTS)
+                except (FileNotFoundError, FileExistsError):
+                    other(fd, _EVENTS)
             except OSError as exc:  # closed meanwhile, or not pollable
                 self._registered.discard(fd)
                 log.debug("idle.watch %d: %s", fd, exc)

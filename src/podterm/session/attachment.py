@@ -373,7 +373,7 @@ class Attachment:
         if unacked >= self.session.limits.window_bytes // 4:
             self.wake()
             return
-        if self.parked and not self.ack_queued:
+        if self.parked:
             self.defer_ack()
 
     def defer_ack(self) -> None:
