@@ -6,10 +6,11 @@ against a real gateway whose sessions run real processes on the local upstream.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -408,6 +409,19 @@ async def test_input_with_no_output_is_acked_alone_after_the_deferral(
         await _finish(gateway, created["id"])
 
 
+@contextlib.asynccontextmanager
+async def _reading(client: Any) -> AsyncIterator[None]:
+    """A task reading ``client`` (answering PINGs, ACKing output) while the block runs."""
+    async with trio.open_nursery() as nursery:
+        async def read() -> None:
+            while await client.pump():
+                pass
+
+        nursery.start_soon(read)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 def _link_tasks() -> int:
     """Tasks of this run working for an attached link now: its receiver or its sender."""
     return tasks_in("receive_loop") + tasks_in("send_loop")
@@ -422,12 +436,7 @@ async def test_an_idle_link_runs_no_task_and_is_still_pinged(
         client = await gateway.attach(created["id"])
         await client.wait_hello()
         att = gateway.registry.get(created["id"]).writer
-        async with trio.open_nursery() as nursery:
-            async def read() -> None:  # one reader: it answers every PING
-                while await client.pump():
-                    pass
-
-            nursery.start_soon(read)
+        async with _reading(client):  # a reader: it answers every PING
             typed = b""
             idle = gateway.gw.attach.idle
             assert idle is not None
@@ -450,7 +459,6 @@ async def test_an_idle_link_runs_no_task_and_is_still_pinged(
             await _wait_until(lambda: _link_tasks() == 0 and len(idle) == 1)
             assert gateway.gw.counters.snapshot().heartbeat_failures == 0
             assert gateway.registry.get(created["id"]).writer is att  # still attached
-            nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
 
@@ -625,12 +633,7 @@ async def test_a_typing_links_keystrokes_start_no_task(
         created = await gateway.create(["cat"], tty=False)
         client = await gateway.attach(created["id"])
         await client.wait_hello()
-        async with trio.open_nursery() as nursery:
-            async def read() -> None:  # one reader: it ACKs the echoes
-                while await client.pump():
-                    pass
-
-            nursery.start_soon(read)
+        async with _reading(client):  # a reader: it ACKs the echoes
             await _wait_until(lambda: len(idle) == 1)  # quiet since the hello
             first = len(started)
             typed = b""
@@ -647,7 +650,6 @@ async def test_a_typing_links_keystrokes_start_no_task(
             await _wait_until(lambda: bytes(client.output) == typed + bulk)
             assert len(started) > first
             await _wait_until(lambda: len(idle) == 1 and _link_tasks() == 0)  # quiet again
-            nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
 
@@ -667,16 +669,10 @@ async def test_a_new_link_is_watched_from_the_start_with_no_read_or_receiver(
         await client.wait_hello()
         await _wait_until(lambda: len(idle) == 1)
         assert receivers == []  # watched since the hello: no receiver ever ran
-        async with trio.open_nursery() as nursery:
-            async def read() -> None:
-                while await client.pump():
-                    pass
-
-            nursery.start_soon(read)
+        async with _reading(client):
             await client.send_stdin(b"k")
             await _wait_until(lambda: bytes(client.output) == b"k")
             assert receivers == []  # the watcher's call applied the keystroke
-            nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
 
@@ -765,12 +761,7 @@ async def test_an_idle_links_heartbeat_starts_no_task(
         await client.wait_hello()
         att = gateway.registry.get(created["id"]).writer
         assert att is not None
-        async with trio.open_nursery() as nursery:
-            async def read() -> None:  # one reader: it answers every PING
-                while await client.pump():
-                    pass
-
-            nursery.start_soon(read)
+        async with _reading(client):  # a reader: it answers every PING
             await _wait_until(lambda: att.parked)  # the hello is out
             senders_before = len(senders)
             seen: set[float] = set()
@@ -784,6 +775,5 @@ async def test_an_idle_links_heartbeat_starts_no_task(
             await client.send_stdin(b"after\n")  # input: applied by the watcher's call too
             await _wait_until(lambda: bytes(client.output) == b"after\n")
             assert started == []
-            nursery.cancel_scope.cancel()
         await client.aclose()
         await _finish(gateway, created["id"])
